@@ -1,0 +1,61 @@
+# derecho-py: `make demo` and `make test` work from a fresh clone with only Python, gcc and apt.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
+STAMP  := $(VENV)/.setup-stamp
+# Everything whose change needs a re-install.
+SETUP_INPUTS := pyproject.toml $(wildcard plugins/*/pyproject.toml) plugins/transport_verbs/derecho_transport_verbs/_build_ffi.py
+
+.PHONY: setup system-packages test test-long demo bench lint docs clean help
+
+help:
+	@echo "make demo       set up, then run a local multi-node group"
+	@echo "make test       set up, then run the whole test suite (what CI runs)"
+	@echo "make test-long  longer simulator and chaos sweeps"
+	@echo "make bench      benchmarks with same-run baselines"
+	@echo "make lint       ruff"
+
+setup: $(STAMP)
+
+$(STAMP): $(wildcard $(SETUP_INPUTS))
+	@$(MAKE) --no-print-directory system-packages
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip 'setuptools>=77' wheel cffi
+	$(PIP) install --quiet -e '.[test]'
+	@for p in $(PLUGINS); do echo "installing $$p (editable)"; $(PIP) install --quiet --no-build-isolation -e $$p || exit 1; done
+	@touch $(STAMP)
+
+# libfabric-dev builds the verbs plugin's cffi module; libfabric-bin gives fi_pingpong for benchmarks.
+system-packages:
+	@if dpkg -s libfabric-dev libfabric-bin >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing libfabric-dev libfabric-bin with apt-get"; \
+		(apt-get install -y -q libfabric-dev libfabric-bin >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null && apt-get install -y -q libfabric-dev libfabric-bin >/dev/null)) || \
+		 { echo "apt-get could not install libfabric-dev"; exit 1; }; \
+	else \
+		echo "NOTE: libfabric-dev is not installed and this is not root. Install it with:"; \
+		echo "      sudo apt-get install libfabric-dev libfabric-bin"; \
+		echo "      (the verbs transport plugin is skipped until then)"; \
+	fi
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-long: setup
+	$(PY) -m pytest -q -p no:cacheprovider --run-slow
+
+demo: setup
+	$(VENV)/bin/derecho plugins
+	$(VENV)/bin/derecho config --DERECHO/local_id=1 -- demo-arg
+
+bench: setup
+	$(VENV)/bin/derecho bench all
+
+lint: setup
+	$(VENV)/bin/ruff check derecho_core plugins examples tests bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,55 @@
+"""derecho-py: replicated, fault-tolerant services after Cornell's Derecho.
+
+The public API is re-exported here (see DESIGN §6). Names that later layers
+provide are imported lazily, so ``import derecho_core`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .conf import Conf
+from .errors import (
+    ConfigError,
+    DerechoError,
+    NodeRemovedFromGroupError,
+    PluginError,
+    PluginNotFoundError,
+    RemoteExceptionOccurred,
+    SenderRemovedFromGroupError,
+    SubgroupProvisioningError,
+)
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+# name -> module that defines it, imported on first use
+_LAZY: dict[str, str] = {}
+
+__all__ = [
+    "Conf",
+    "ConfigError",
+    "DerechoError",
+    "NodeRemovedFromGroupError",
+    "PluginError",
+    "PluginNotFoundError",
+    "RemoteExceptionOccurred",
+    "SenderRemovedFromGroupError",
+    "SubgroupProvisioningError",
+    "hookimpl",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'derecho_core' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | set(_LAZY))
