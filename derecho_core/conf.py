@@ -468,6 +468,8 @@ def parse_command_line(argv: Sequence[str]) -> tuple[list[RawSetting], list[str]
     while i < len(opts):
         item = opts[i]
         i += 1
+        if item == "--":
+            continue
         if item.startswith("--") and "/" in item.split("=", 1)[0]:
             body = item[2:]
             if "=" in body:

@@ -183,7 +183,7 @@ class PluginSystem:
                 return reg
             reg = {}
             hook = getattr(self.pm.hook, HOOKS[kind])
-            for impl in reversed(hook.get_hookimpls()):  # registration order
+            for impl in hook.get_hookimpls():  # registration order
                 dist = self._dists.get(impl.plugin_name, (None, None))[0]
                 impl.function(register=self._make_register(kind, reg, impl.plugin_name, dist))
             self._registries[kind] = reg
