@@ -25,7 +25,20 @@ from .hookspecs import hookimpl
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first use
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "Transport": ".transport",
+    "TransportError": ".transport",
+    "TransportClosedError": ".transport",
+    "NotConnectedError": ".transport",
+    "SendQueueFull": ".transport",
+    "HandshakeError": ".transport",
+    "VersionMismatchError": ".transport",
+    "AuthenticationError": ".transport",
+    "PeerConnected": ".transport",
+    "PeerFailed": ".transport",
+    "MessageReceived": ".transport",
+    "open_transport": ".transport",
+}
 
 __all__ = [
     "Conf",
@@ -38,6 +51,18 @@ __all__ = [
     "SenderRemovedFromGroupError",
     "SubgroupProvisioningError",
     "hookimpl",
+    "Transport",
+    "TransportError",
+    "TransportClosedError",
+    "NotConnectedError",
+    "SendQueueFull",
+    "HandshakeError",
+    "VersionMismatchError",
+    "AuthenticationError",
+    "PeerConnected",
+    "PeerFailed",
+    "MessageReceived",
+    "open_transport",
     "__version__",
 ]
 

@@ -34,9 +34,12 @@ def derecho_register_transports(register: Register) -> None:
     ``register(name, factory)``: ``name`` is what ``[RDMA] provider`` selects
     (``"sockets"``, ``"tcp"``, ``"verbs"``). ``factory(conf, node_id, address)``
     receives the node's :class:`derecho_core.Conf`, its integer node id and the
-    ``(host, port)`` it listens on, and returns an object that implements the
-    transport contract of :mod:`derecho_core.transport` (listen, connect, send,
-    poll, wake-up, close; see ``docs/transports.md``).
+    ``(host, port)`` it listens on (port 0: pick a free one), and returns a
+    :class:`derecho_core.transport.Transport` (listen, connect, try_send/send
+    with a bounded per-peer queue, poll returning events, wake, disconnect,
+    close; optional ``rma`` capability). Every connection starts with the
+    handshake of :mod:`derecho_core.handshake`. ``docs/transports.md`` is the
+    guide; :mod:`derecho_core.testing.transport` the conformance suite.
     """
 
 
