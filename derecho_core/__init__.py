@@ -26,6 +26,12 @@ __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first use
 _LAZY: dict[str, str] = {
+    "View": ".view",
+    "SubView": ".view",
+    "Mode": ".view",
+    "IpAndPorts": ".view",
+    "make_next_view": ".view",
+    "SubgroupInfo": ".subgroup_info",
     "Transport": ".transport",
     "TransportError": ".transport",
     "TransportClosedError": ".transport",
@@ -41,6 +47,12 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "View",
+    "SubView",
+    "Mode",
+    "IpAndPorts",
+    "make_next_view",
+    "SubgroupInfo",
     "Conf",
     "ConfigError",
     "DerechoError",
