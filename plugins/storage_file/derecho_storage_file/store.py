@@ -1,0 +1,692 @@
+"""The ``file`` log store: one data file and one index file per log, every entry checksummed.
+
+Layout under ``[PERS] file_path`` (directory mode 0700) for a log named N
+(``safe_log_name(N)`` on disk):
+
+``N.data``   16-byte file header, then entries back to back. Each entry is a
+             48-byte header ``magic "DRE1", crc32(payload), length, version,
+             hlc_us, hlc_logic, crc32(header)`` and the payload. The data file
+             alone is enough to rebuild the log: it is the authority.
+``N.idx``    16-byte file header, then one 48-byte record per entry at
+             ``16 + 48 * index`` (indexes are absolute, as in Derecho):
+             ``version, hlc_us, hlc_logic, offset, length, crc32(record)``.
+``N.meta``   JSON ``{head, head_offset, floor_version}``: where the log starts
+             after trims. Replaced atomically (temporary file, fsync, rename).
+``N.lock``   holds a ``flock`` while the log is open, and the owner's pid.
+
+Durability: ``persist`` writes the buffered entries, ``fdatasync``s the data
+file, and only then writes their index records, so an index record on disk
+always points at synced data. One sync covers every append since the last
+persist. The index is a cache of the data file's headers, so it is synced
+lazily (on close, trim, truncate, and at most ``index_sync_interval`` seconds
+apart while persisting; 0 syncs it on every persist): a crash can lose index
+records, never entries, because opening rescans the data after the last
+index record.
+
+Opening verifies every checksum. A bad entry followed by a good one where
+the index says entries are is corruption: :class:`LogCorruptionError` naming
+file and offset. A bad entry with nothing good after it, or garbage after the
+last indexed entry, is a torn write: cut, with a warning on the
+``derecho.persistence`` logger.
+
+Trims move the head recorded in ``N.meta`` and punch holes in the dropped
+prefix (where the file system allows), so a trim never rewrites the log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import json
+import logging
+import mmap
+import os
+import struct
+import time
+import zlib
+from array import array
+from pathlib import Path
+from typing import Any, Iterator
+
+from derecho_core.storage import (
+    HLC,
+    INVALID_VERSION,
+    NO_SPACE_ERRNOS,
+    DiskFullError,
+    EntryIndex,
+    LogClosedError,
+    LogCorruptionError,
+    LogEntry,
+    LogFullError,
+    LogLockedError,
+    LogStore,
+    StorageError,
+    check_append,
+    ensure_dir,
+    fsync_dir,
+    safe_log_name,
+)
+
+log = logging.getLogger("derecho.persistence")
+
+DATA_MAGIC = b"DRCHDAT1"
+IDX_MAGIC = b"DRCHIDX1"
+FILE_HDR = 16
+ENTRY_MAGIC = b"DRE1"
+_H40 = struct.Struct("<4sIQqqq")  # magic, payload crc, length, version, hlc_us, hlc_logic
+_HCRC = struct.Struct("<I4x")  # crc32 of the 40 bytes above, padding
+HDR = _H40.size + _HCRC.size  # 48
+_HDR_FULL = struct.Struct("<4sIQqqqI4x")
+_R40 = struct.Struct("<qqqQQ")  # version, hlc_us, hlc_logic, data offset, payload length
+_RCRC = struct.Struct("<I4x")
+REC = _R40.size + _RCRC.size  # 48
+_REC_FULL = struct.Struct("<qqqQQI4x")
+
+#: payloads this large are written straight from the caller's buffer instead of being copied
+DIRECT_WRITE = 64 * 1024
+#: buffered appends are written out once this many bytes are pending
+WRITE_BUFFER = 1 << 20
+_VERIFY_CHUNK = 8 << 20
+
+_crc32 = zlib.crc32
+
+
+def encode_header(version: int, ts: HLC, payload: bytes | bytearray | memoryview) -> bytes:
+    h40 = _H40.pack(ENTRY_MAGIC, _crc32(payload), len(payload), version, ts.rtc_us, ts.logic)
+    return h40 + _HCRC.pack(_crc32(h40))
+
+
+def _check_header(buf: Any, at: int) -> tuple[int, int, int, int, int] | str:
+    """``(payload crc, length, version, us, logic)`` of the header at ``buf[at:]``, or why it is bad."""
+    magic, pcrc, length, version, us, logic, hcrc = _HDR_FULL.unpack_from(buf, at)
+    if magic != ENTRY_MAGIC:
+        return f"bad entry magic {bytes(magic)!r}"
+    if _crc32(memoryview(buf)[at:at + _H40.size]) != hcrc:
+        return "entry header fails its checksum"
+    return pcrc, length, version, us, logic
+
+
+# ----------------------------------------------------------------------------- hole punching
+
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+_libc: Any = None
+
+
+def _punch_hole(fd: int, start: int, end: int) -> None:
+    """Give the file system back the pages of ``[start, end)`` without changing offsets (best effort)."""
+    global _libc
+    page = mmap.PAGESIZE
+    start = -(-start // page) * page
+    end = end // page * page
+    if end <= start:
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, end - start)
+    except (OSError, AttributeError):  # not Linux, or no fallocate: the space stays used, nothing breaks
+        pass
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class FileLogStore(LogStore):
+    """A durable log in ``directory``; see the module docstring for the format and guarantees."""
+
+    def __init__(self, directory: str | os.PathLike[str], name: str, *, reset: bool = False,
+                 max_entries: int | None = None, max_bytes: int | None = None,
+                 index_sync_interval: float = 1.0, readonly: bool = False):
+        self.name = name
+        self.directory = Path(directory)
+        base = safe_log_name(name)
+        self.data_path = self.directory / f"{base}.data"
+        self.idx_path = self.directory / f"{base}.idx"
+        self.meta_path = self.directory / f"{base}.meta"
+        self.lock_path = self.directory / f"{base}.lock"
+        self.readonly = readonly
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._index_sync_interval = index_sync_interval
+        self._closed = True
+        self._lfd = self._dfd = self._ifd = -1
+        #: what opening found and cut, for ``derecho log verify`` and tests
+        self.recovery: dict[str, Any] = {"cut_entries": 0, "cut_bytes": 0, "recovered_from_data": 0}
+        try:
+            self._open(reset)
+        except BaseException:
+            self._close_fds()
+            raise
+        self._closed = False
+
+    @classmethod
+    def open(cls, conf: Any, log_name: str) -> FileLogStore:
+        """The plugin factory: ``(conf, log_name)`` -> open log."""
+        return cls(conf.get("PERS/file_path"), log_name, reset=bool(conf.get("PERS/reset")),
+                   max_entries=conf.get("PERS/max_log_entry"), max_bytes=conf.get("PERS/max_data_size"))
+
+    # ------------------------------------------------------------------ opening and recovery
+    def _open(self, reset: bool) -> None:
+        if self.readonly:
+            if not self.data_path.exists():
+                raise StorageError(f"no log {self.name!r} in {self.directory} (no {self.data_path.name})")
+        else:
+            ensure_dir(self.directory)
+            self._lock()
+            if reset:
+                for p in (self.data_path, self.idx_path, self.meta_path):
+                    p.unlink(missing_ok=True)
+        head, head_offset, self._floor = self._read_meta()
+        flags = os.O_RDONLY if self.readonly else os.O_RDWR | os.O_CREAT
+        self._dfd = os.open(self.data_path, flags, 0o600)
+        try:
+            self._ifd = os.open(self.idx_path, flags, 0o600)
+        except FileNotFoundError:  # read-only and the index was lost: the data file suffices
+            self._ifd = -1
+        created = self._init_file(self._dfd, self.data_path, DATA_MAGIC)
+        if self._ifd >= 0:
+            created |= self._init_file(self._ifd, self.idx_path, IDX_MAGIC)
+        if created and not self.readonly:
+            fsync_dir(self.directory)
+
+        self._idx = EntryIndex(head)
+        self._off = array("q")
+        self._head_offset = head_offset
+        self._pending = bytearray()
+        idx_covered = self._load_index(head, head_offset)
+        end = self._verify_indexed(idx_covered)
+        end = self._scan_tail(end)
+        self._end = self._written = self._synced_end = end
+        self._synced_tail = self._idx.tail
+        self._idx_written_tail = min(idx_covered, self._idx.tail)
+        self._idx_dirty = False
+        self._last_idx_sync = time.monotonic()
+        if not self.readonly:
+            if self.recovery["cut_bytes"] or self.recovery["cut_entries"]:
+                os.ftruncate(self._dfd, end)
+            os.fdatasync(self._dfd)  # whatever we recovered from the data file is now durable
+            self._write_index_records()
+            os.ftruncate(self._ifd, FILE_HDR + self._idx.tail * REC)
+            self._sync_index()
+
+    def _lock(self) -> None:
+        self._lfd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(self._lfd, 32, 0).decode(errors="replace").strip() or "unknown"
+            except OSError:
+                owner = "unknown"
+            os.close(self._lfd)
+            self._lfd = -1
+            who = "this process" if owner == str(os.getpid()) else f"process {owner}"
+            raise LogLockedError(f"log {self.name!r} in {self.directory} is already open by {who}; "
+                                 "two writers would corrupt it (close the other one first)") from None
+        os.ftruncate(self._lfd, 0)
+        os.pwrite(self._lfd, f"{os.getpid()}\n".encode(), 0)
+
+    def _read_meta(self) -> tuple[int, int, int]:
+        try:
+            text = self.meta_path.read_text()
+        except FileNotFoundError:
+            return 0, FILE_HDR, INVALID_VERSION
+        try:
+            meta = json.loads(text)
+            return int(meta["head"]), int(meta["head_offset"]), int(meta["floor_version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LogCorruptionError(self.meta_path, 0, f"unreadable meta file ({exc})") from None
+
+    def _write_meta(self) -> None:
+        tmp = self.meta_path.with_name(self.meta_path.name + ".tmp")
+        body = json.dumps({"head": self._idx.head, "head_offset": self._head_offset,
+                           "floor_version": self._floor}).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.meta_path)
+        fsync_dir(self.directory)
+
+    def _init_file(self, fd: int, path: Path, magic: bytes) -> bool:
+        size = os.fstat(fd).st_size
+        if size < FILE_HDR:
+            if self.readonly:
+                raise LogCorruptionError(path, 0, f"file is {size} bytes, shorter than its header")
+            # new file, or one torn while being created: nothing can have been stored in it yet
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, magic + bytes(FILE_HDR - len(magic)), 0)
+            os.fsync(fd)
+            return True
+        got = os.pread(fd, len(magic), 0)
+        if got != magic:
+            raise LogCorruptionError(path, 0, f"not a derecho log file (magic {got!r}, expected {magic!r})")
+        return False
+
+    def _load_index(self, head: int, head_offset: int) -> int:
+        """Read the index records from ``head`` on into memory; returns the index one past the last good one.
+
+        The index only accelerates: any bad record ends it, and the data file
+        fills in the rest (``_scan_tail``).
+        """
+        self._indexed_end = head_offset
+        if self._ifd < 0:
+            return head
+        start = FILE_HDR + head * REC
+        size = os.fstat(self._ifd).st_size
+        raw = os.pread(self._ifd, max(0, size - start), start) if size > start else b""
+        versions, rtc, logic, offs = self._idx.versions, self._idx.rtc, self._idx.logic, self._off
+        expect_off = head_offset
+        last_version = self._floor
+        count = 0
+        mv = memoryview(raw)
+        for i in range(len(raw) // REC):
+            at = i * REC
+            version, us, lg, off, length, crc = _REC_FULL.unpack_from(raw, at)
+            if crc != _crc32(mv[at:at + _R40.size]) or off != expect_off or version <= last_version:
+                if at + REC <= len(raw) and any(raw[at:at + REC]):
+                    log.warning("%s: index record %d at offset %d is damaged or stale; rebuilding the index "
+                                "from the data file from there", self.idx_path, head + i, start + at)
+                break
+            versions.append(version)
+            rtc.append(us)
+            logic.append(lg)
+            offs.append(off)
+            expect_off = off + HDR + length
+            last_version = version
+            count += 1
+        self._indexed_end = expect_off
+        if count and any(rtc[i] > rtc[i + 1] or (rtc[i] == rtc[i + 1] and logic[i] > logic[i + 1])
+                         for i in range(count - 1)):
+            self._idx.time_sorted = False
+        return head + count
+
+    def _entry_end(self, pos: int) -> int:
+        return self._off[pos + 1] if pos + 1 < len(self._off) else self._end
+
+    def _verify_indexed(self, idx_covered: int) -> int:
+        """Check every indexed entry against its checksums; returns the data offset after the last good one."""
+        n = len(self._off)
+        if n == 0:
+            return self._head_offset
+        # lengths come from the index records; the entry after the last ends where the index says
+        size = os.fstat(self._dfd).st_size
+        lengths = array("q", (self._off[i + 1] - self._off[i] - HDR for i in range(n - 1)))
+        lengths.append(self._indexed_end - self._off[-1] - HDR)
+        first_bad: tuple[int, str] | None = None
+        with _Mapped(self._dfd, size) as buf:
+            for pos in range(n):
+                off, length = self._off[pos], lengths[pos]
+                why = self._entry_problem(buf, size, off, length, pos)
+                if why is None:
+                    if first_bad is not None:
+                        bad_pos, bad_why = first_bad
+                        raise LogCorruptionError(self.data_path, self._off[bad_pos],
+                                                 f"entry {self._idx.head + bad_pos} "
+                                                 f"(version {self._idx.versions[bad_pos]}): {bad_why}")
+                elif first_bad is None:
+                    first_bad = (pos, why)
+        if first_bad is None:
+            return self._off[-1] + HDR + lengths[-1]
+        bad_pos, why = first_bad
+        cut_off = self._off[bad_pos]
+        self._cut_warning(cut_off, n - bad_pos, f"entry {self._idx.head + bad_pos}: {why}")
+        self._idx.drop_back(bad_pos)
+        del self._off[bad_pos:]
+        return cut_off
+
+    def _entry_problem(self, buf: Any, size: int, off: int, length: int, pos: int) -> str | None:
+        if off + HDR + length > size:
+            return f"missing: the file ends at {size}, before the entry's end {off + HDR + length}"
+        hdr = _check_header(buf, off)
+        if isinstance(hdr, str):
+            return hdr
+        pcrc, hlen, version, us, lg = hdr
+        if (hlen, version, us, lg) != (length, self._idx.versions[pos], self._idx.rtc[pos], self._idx.logic[pos]):
+            return "entry header disagrees with its index record"
+        if _crc32(memoryview(buf)[off + HDR:off + HDR + length]) != pcrc:
+            return "payload fails its checksum"
+        return None
+
+    def _scan_tail(self, start: int) -> int:
+        """Parse entries the index does not cover (appended after the last index write); returns the end."""
+        size = os.fstat(self._dfd).st_size
+        if start >= size:
+            return start
+        off = start
+        last = self._idx.versions[-1] if len(self._idx) else self._floor
+        why = ""
+        with _Mapped(self._dfd, size) as buf:
+            while True:
+                if off == size:
+                    break
+                if off + HDR > size:
+                    why = f"{size - off} bytes, shorter than an entry header"
+                    break
+                hdr = _check_header(buf, off)
+                if isinstance(hdr, str):
+                    why = hdr
+                    break
+                pcrc, length, version, us, lg = hdr
+                if version <= last:
+                    why = f"version {version} does not follow {last}"
+                    break
+                if off + HDR + length > size:
+                    why = f"entry of {length} bytes runs past the end of the file"
+                    break
+                if _crc32(memoryview(buf)[off + HDR:off + HDR + length]) != pcrc:
+                    why = "payload fails its checksum"
+                    break
+                self._idx.add(version, HLC(us, lg))
+                self._off.append(off)
+                self.recovery["recovered_from_data"] += 1
+                last = version
+                off += HDR + length
+        if off < size:
+            self._cut_warning(off, None, why, size - off)
+        return off
+
+    def _cut_warning(self, offset: int, entries: int | None, why: str, nbytes: int | None = None) -> None:
+        if entries:
+            self.recovery["cut_entries"] += entries
+        size = os.fstat(self._dfd).st_size
+        self.recovery["cut_bytes"] += nbytes if nbytes is not None else size - offset
+        what = f"{entries} entr{'y' if entries == 1 else 'ies'}" if entries else f"{size - offset} bytes"
+        action = "ignoring (read-only)" if self.readonly else "cutting"
+        log.warning("%s: torn or corrupt tail at offset %d (%s); %s %s: nothing after it is intact, so it "
+                    "was never fully written", self.data_path, offset, why, action, what)
+
+    # ------------------------------------------------------------------ writes
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"log {self.name!r} is closed")
+        if self.readonly:
+            raise StorageError(f"log {self.name!r} is open read-only")
+
+    def append(self, version: int, timestamp: HLC | int, data: bytes | bytearray | memoryview) -> int:
+        self._check_writable()
+        idx = self._idx
+        latest = idx.versions[-1] if idx.versions else self._floor
+        if version <= latest:
+            check_append(latest, version, self.name)
+        ts = timestamp if type(timestamp) is HLC else HLC.coerce(timestamp)
+        n = len(data)
+        if self._max_entries is not None and len(idx) >= self._max_entries:
+            raise LogFullError(f"log {self.name!r} holds max_log_entry={self._max_entries} entries; trim it")
+        if self._max_bytes is not None and self._end + HDR + n - self._head_offset > self._max_bytes:
+            raise LogFullError(f"log {self.name!r} would exceed max_data_size={self._max_bytes} bytes; trim it")
+        h40 = _H40.pack(ENTRY_MAGIC, _crc32(data), n, version, ts.rtc_us, ts.logic)
+        off = self._end
+        try:
+            if n >= DIRECT_WRITE:
+                self._flush_pending()
+                self._write_all([h40 + _HCRC.pack(_crc32(h40)), data], off)
+                self._written = off + HDR + n
+            else:
+                pending = self._pending
+                pending += h40
+                pending += _HCRC.pack(_crc32(h40))
+                pending += data
+                if len(pending) >= WRITE_BUFFER:
+                    self._flush_pending()
+        except OSError as exc:
+            self._pending.clear()
+            self._failed_write(exc, "append")
+        self._end = off + HDR + n
+        idx.add(version, ts)
+        self._off.append(off)
+        return idx.tail - 1
+
+    def _write_all(self, bufs: list[Any], offset: int) -> None:
+        views = [memoryview(b).cast("B") for b in bufs]
+        while views:
+            done = os.pwritev(self._dfd, views, offset)
+            offset += done
+            while views and done >= len(views[0]):
+                done -= len(views[0])
+                views.pop(0)
+            if views and done:
+                views[0] = views[0][done:]
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self._write_all([self._pending], self._written)
+            self._written += len(self._pending)
+            self._pending.clear()
+
+    def _failed_write(self, exc: OSError, what: str) -> None:
+        """Undo every entry not yet persisted, so the files end at the last durable entry, and raise."""
+        kept = self._rollback_to_synced()
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise DiskFullError(exc.errno, f"no space left for log {self.name!r} in {self.directory} during {what} "
+                                f"({exc.strerror}); the entries not yet persisted were dropped and the log "
+                                f"is intact up to version {kept}") from exc
+        raise StorageError(f"log {self.name!r}: {what} failed: {exc}; the log is intact up to version {kept}") from exc
+
+    def _rollback_to_synced(self) -> int:
+        keep = self._synced_tail - self._idx.head
+        self._idx.drop_back(keep)
+        del self._off[keep:]
+        self._pending.clear()
+        self._end = self._written = self._synced_end
+        try:
+            os.ftruncate(self._dfd, self._synced_end)  # shrinking needs no space
+        except OSError as exc:
+            log.error("%s: could not cut the unpersisted tail after a failed write: %s "
+                      "(it will be checked and cut when the log is next opened)", self.data_path, exc)
+        return self.latest_version
+
+    def persist(self, up_to_version: int | None = None) -> int:
+        if self._closed:
+            raise LogClosedError(f"log {self.name!r} is closed")
+        if self._synced_tail == self._idx.tail or self.readonly:
+            return self.latest_persisted_version
+        try:
+            self._flush_pending()
+            os.fdatasync(self._dfd)  # data first: an index record must never point at unsynced bytes
+        except OSError as exc:
+            self._failed_write(exc, "persist")
+        self._synced_end = self._end
+        self._synced_tail = self._idx.tail
+        self._write_index_records()
+        if time.monotonic() - self._last_idx_sync >= self._index_sync_interval:
+            self._sync_index()
+        return self.latest_persisted_version
+
+    def _write_index_records(self) -> None:
+        start, stop = self._idx_written_tail, self._synced_tail
+        if start >= stop:
+            return
+        head = self._idx.head
+        idx, offs = self._idx, self._off
+        out = bytearray()
+        for i in range(start - head, stop - head):
+            off = offs[i]
+            r40 = _R40.pack(idx.versions[i], idx.rtc[i], idx.logic[i], off,
+                            (offs[i + 1] if i + 1 < len(offs) else self._end) - off - HDR)
+            out += r40
+            out += _RCRC.pack(_crc32(r40))
+        try:
+            os.pwrite(self._ifd, out, FILE_HDR + start * REC)
+        except OSError as exc:
+            # the entries are durable in the data file; the index is rebuilt from it on the next open
+            log.warning("%s: could not write index records %d..%d (%s); they will be rebuilt from the data file",
+                        self.idx_path, start, stop - 1, exc)
+            return
+        self._idx_written_tail = stop
+        self._idx_dirty = True
+
+    def _sync_index(self) -> None:
+        if self._idx_dirty:
+            try:
+                os.fdatasync(self._ifd)
+            except OSError as exc:
+                log.warning("%s: index sync failed (%s); it will be rebuilt from the data file if needed",
+                            self.idx_path, exc)
+        self._idx_dirty = False
+        self._last_idx_sync = time.monotonic()
+
+    def trim(self, version: int) -> int:
+        self._check_writable()
+        self.persist()
+        idx = self._idx
+        count = 0 if not len(idx) or version < idx.versions[0] else idx.pos_of_version(version) + 1
+        if not count:
+            return 0
+        self._sync_index()  # the kept entries' index records are durable before the head moves past them
+        old_head_offset = self._head_offset
+        self._floor = idx.versions[count - 1]
+        self._head_offset = self._off[count] if count < len(self._off) else self._end
+        idx.drop_front(count)
+        del self._off[:count]
+        self._write_meta()
+        _punch_hole(self._dfd, max(FILE_HDR, old_head_offset), self._head_offset)
+        _punch_hole(self._ifd, FILE_HDR, FILE_HDR + idx.head * REC)
+        return count
+
+    def truncate(self, version: int) -> int:
+        self._check_writable()
+        self.persist()
+        idx = self._idx
+        keep = 0 if not len(idx) or version < idx.versions[0] else idx.pos_of_version(version) + 1
+        dropped = len(idx) - keep
+        if not dropped:
+            return 0
+        new_end = self._off[keep]
+        # data first: if we crash before the index is cut, its extra records point past the data and are cut
+        os.ftruncate(self._dfd, new_end)
+        os.fdatasync(self._dfd)
+        idx.drop_back(keep)
+        del self._off[keep:]
+        os.ftruncate(self._ifd, FILE_HDR + idx.tail * REC)
+        os.fdatasync(self._ifd)
+        self._end = self._written = self._synced_end = new_end
+        self._synced_tail = self._idx_written_tail = idx.tail
+        return dropped
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.readonly:
+                self.persist()
+                self._sync_index()
+        finally:
+            self._closed = True
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        for attr in ("_dfd", "_ifd", "_lfd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)  # closing the lock file releases the flock
+                setattr(self, attr, -1)
+
+    # ------------------------------------------------------------------ reads
+    def _read(self, pos: int) -> LogEntry:
+        off = self._off[pos]
+        end = self._entry_end(pos)
+        if end > self._written:
+            self._flush_pending()  # the entry is still in our write buffer
+        buf = os.pread(self._dfd, end - off, off)
+        if len(buf) < HDR:
+            raise LogCorruptionError(self.data_path, off, "entry missing (file shorter than the index says)")
+        hdr = _check_header(buf, 0)
+        if isinstance(hdr, str):
+            raise LogCorruptionError(self.data_path, off, hdr)
+        pcrc, length, version, us, lg = hdr
+        payload = buf[HDR:]
+        if length != len(payload) or _crc32(payload) != pcrc:
+            raise LogCorruptionError(self.data_path, off, "payload fails its checksum (changed since open)")
+        return LogEntry(self._idx.head + pos, version, HLC(us, lg), payload)
+
+    def get_by_index(self, index: int) -> LogEntry:
+        self._check_open()
+        return self._read(self._idx.pos_of_index(index))
+
+    def get_by_version(self, version: int, exact: bool = False) -> LogEntry:
+        self._check_open()
+        return self._read(self._idx.pos_of_version(version, exact))
+
+    def get_by_time(self, timestamp: HLC | int) -> LogEntry:
+        self._check_open()
+        return self._read(self._idx.pos_of_time(timestamp if type(timestamp) is HLC else HLC.coerce(timestamp)))
+
+    def __iter__(self) -> Iterator[LogEntry]:
+        self._check_open()
+        for pos in range(len(self._idx)):
+            yield self._read(pos)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"log {self.name!r} is closed")
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def latest_version(self) -> int:
+        self._check_open()
+        return self._idx.versions[-1] if self._idx.versions else self._floor
+
+    @property
+    def latest_persisted_version(self) -> int:
+        self._check_open()
+        idx = self._idx
+        if self._synced_tail > idx.head:
+            return idx.versions[self._synced_tail - 1 - idx.head]
+        return self._floor  # trim persists first, so everything trimmed was persisted
+
+    @property
+    def earliest_index(self) -> int:
+        self._check_open()
+        return self._idx.head
+
+    @property
+    def next_index(self) -> int:
+        self._check_open()
+        return self._idx.tail
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes the retained entries take in the data file (headers included)."""
+        return self._end - self._head_offset
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self)} entries"
+        return f"<FileLogStore {self.name!r} in {self.directory} {state}>"
+
+
+class _Mapped:
+    """A read-only mmap of the first ``size`` bytes of ``fd`` (or ``b""`` when empty), as a context manager."""
+
+    def __init__(self, fd: int, size: int):
+        self._fd, self._size = fd, size
+        self._map: mmap.mmap | None = None
+
+    def __enter__(self) -> Any:
+        if self._size == 0:
+            return b""
+        self._map = mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ)
+        return self._map
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a memoryview slice still alive; the GC closes it
+                pass
+
+
+def list_logs(directory: str | os.PathLike[str]) -> list[str]:
+    """The on-disk base names of the logs in ``directory``."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(p.name[: -len(".data")] for p in d.iterdir() if p.name.endswith(".data"))
+
+
+__all__ = ["FileLogStore", "list_logs"]
