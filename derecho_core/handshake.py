@@ -311,7 +311,7 @@ class Handshake:
 
     def __init__(self, role: str, node_id: int, incarnation: int, *, key: bytes | None = None,
                  expected_peer: int | None = None, address: Address | None = None, extra: bytes = b"",
-                 version: int = PROTOCOL_VERSION,
+                 version: int | None = None,
                  accept: Callable[[Hello], tuple[int, str] | None] | None = None):
         if role not in ("initiator", "acceptor"):
             raise ValueError("role must be 'initiator' or 'acceptor'")
@@ -319,9 +319,11 @@ class Handshake:
         self.node_id = node_id
         self.key = key
         self.expected_peer = expected_peer
-        self.version = version
+        # read at call time, so a test can make a node speak another version
+        self.version = PROTOCOL_VERSION if version is None else version
         self._accept = accept
-        self.me = Hello(node_id, incarnation, secrets.token_bytes(NONCE_LEN), key is not None, address, extra, version)
+        self.me = Hello(node_id, incarnation, secrets.token_bytes(NONCE_LEN), key is not None, address, extra,
+                        self.version)
         self.peer: Hello | None = None
         self.done = False
         self.leftover = b""

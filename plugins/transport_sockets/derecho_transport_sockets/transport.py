@@ -1,0 +1,853 @@
+"""Provider ``sockets``: the transport contract over non-blocking TCP sockets and ``selectors``.
+
+Design (see ``docs/transports.md``):
+
+* one ``selectors.DefaultSelector`` (epoll) holds the listening socket, every
+  connection and a wake-up socketpair; :meth:`SocketsTransport.poll` drives it
+  in the calling (engine) thread: no helper threads;
+* frames are ``length (u32) | kind (u8)`` then the payload; kind DATA or BYE;
+* sends are *corked*: :meth:`try_send` queues the message's buffers (no copy)
+  and the next :meth:`poll` writes everything queued for a peer with one
+  vectored ``sendmsg`` (a sender on another thread, or a queue past
+  :data:`FLUSH_BYTES`, writes at once instead);
+* small frames are received in bulk into a preallocated per-connection buffer;
+  a large message is received straight into its own ``bytearray`` of the
+  announced size (one copy, kernel to final buffer);
+* per-peer queue bounded by ``[RDMA] tx_depth`` messages and
+  ``max_queued_bytes``; a queue with no write progress for
+  ``sst_poll_cq_timeout_ms`` fails the peer.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import ipaddress
+import itertools
+import logging
+import select
+import selectors
+import socket
+import struct
+import threading
+import time
+from typing import Any, Sequence
+
+from derecho_core.handshake import (
+    REFUSE_DUPLICATE,
+    DuplicateConnectionError,
+    Handshake,
+    Hello,
+    load_cluster_key,
+    new_incarnation,
+)
+from derecho_core.transport import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_QUEUED_BYTES,
+    Address,
+    Event,
+    FrameError,
+    HandshakeError,
+    MessageReceived,
+    NotConnectedError,
+    PeerConnected,
+    PeerFailed,
+    SelfConnectionError,
+    SendQueueFull,
+    Transport,
+    TransportClosedError,
+    VersionMismatchError,
+)
+
+log = logging.getLogger("derecho.transport")
+
+FRAME = struct.Struct("<IB")
+K_DATA = 0
+K_BYE = 1
+RECV_BUF = 256 * 1024           # preallocated receive buffer per connection
+LARGE = 64 * 1024               # messages at least this big get their own buffer
+FLUSH_BYTES = 256 * 1024        # a corked queue past this is written at once
+IOV_MAX = 1024
+BIG_READ_CAP = 16 * 1024 * 1024  # bytes read per readiness event (fairness between peers)
+TIMER_TICK = 0.05
+
+_R = selectors.EVENT_READ
+_W = selectors.EVENT_WRITE
+
+
+def _resolve_domain(domain: str) -> str:
+    """``[RDMA] domain``: an IP address, a host name, or an interface name (its IPv4 address)."""
+    try:
+        ipaddress.ip_address(domain)
+        return domain
+    except ValueError:
+        pass
+    try:
+        socket.if_nametoindex(domain)
+    except OSError:
+        return socket.gethostbyname(domain)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", domain.encode()[:15]))  # SIOCGIFADDR
+        return socket.inet_ntoa(packed[20:24])
+    except OSError as exc:
+        raise ValueError(f"[RDMA] domain {domain!r}: interface has no IPv4 address ({exc.strerror})") from None
+    finally:
+        s.close()
+
+
+class _Conn:
+    __slots__ = (
+        "sock", "fd", "state", "initiator", "node_id", "dial", "hs", "hs_out", "deadline", "mask",
+        "rbuf", "rmv", "rstart", "rend", "big", "big_mv", "big_got",
+        "iov", "msg_ends", "queued_total", "sent_total", "last_progress", "peer_addr", "incarnation",
+        "remote",
+    )
+
+    def __init__(self, sock: socket.socket, initiator: bool, node_id: int | None, dial: Address | None):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.state = "connecting" if initiator else "handshake"
+        self.initiator = initiator
+        self.node_id = node_id
+        self.dial = dial
+        self.hs: Handshake | None = None
+        self.hs_out = bytearray()
+        self.deadline = 0.0
+        self.mask = 0
+        self.rbuf: bytearray | None = None
+        self.rmv: memoryview | None = None
+        self.rstart = 0
+        self.rend = 0
+        self.big: bytearray | None = None
+        self.big_mv: memoryview | None = None
+        self.big_got = 0
+        self.iov: collections.deque[memoryview] = collections.deque()
+        self.msg_ends: collections.deque[int] = collections.deque()
+        self.queued_total = 0
+        self.sent_total = 0
+        self.last_progress = 0.0
+        self.peer_addr: Address | None = None
+        self.incarnation = 0
+        try:
+            self.remote = sock.getpeername()
+        except OSError:
+            self.remote = dial
+
+    @property
+    def msgs(self) -> int:
+        return len(self.msg_ends)
+
+    @property
+    def qbytes(self) -> int:
+        return self.queued_total - self.sent_total
+
+    def label(self) -> str:
+        who = f"node {self.node_id}" if self.node_id is not None else "unknown peer"
+        where = self.remote or self.dial
+        return f"{who} ({where[0]}:{where[1]})" if where else who
+
+
+class _Dial:
+    """An outgoing connection attempt that may take several sockets (refused, self-connect)."""
+
+    __slots__ = ("node_id", "address", "deadline", "retry_at", "conn", "backoff", "last_error")
+
+    def __init__(self, node_id: int, address: Address, deadline: float):
+        self.node_id = node_id
+        self.address = address
+        self.deadline = deadline
+        self.retry_at = 0.0
+        self.conn: _Conn | None = None
+        self.backoff = 0.01
+        self.last_error = ""
+
+
+class SocketsTransport(Transport):
+    """The ``sockets`` provider. ``SocketsTransport(conf, node_id, address)``; see the contract."""
+
+    provider = "sockets"
+
+    def __init__(self, conf: Any, node_id: int, address: Address, *,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES):
+        self.conf = conf
+        self.node_id = int(node_id)
+        self.max_message_size = max_message_size
+        self.max_queued_bytes = max_queued_bytes
+        self.tx_depth = int(conf.get("RDMA/tx_depth"))
+        self.rx_depth = int(conf.get("RDMA/rx_depth"))
+        self.timeout_s = conf.get("DERECHO/sst_poll_cq_timeout_ms") / 1000.0
+        self.busy_wait_s = conf.get("DERECHO/p2p_loop_busy_wait_before_sleep_ms") / 1000.0
+        self.key = load_cluster_key(conf)
+        self.incarnation = new_incarnation()
+        host, port = address if address else ("", 0)
+        domain = conf.get("RDMA/domain")
+        host = _resolve_domain(domain) if domain else (host or conf.get("DERECHO/local_ip"))
+        self._address: Address = (host, int(port))
+        self._lock = threading.RLock()
+        self._progress_lock = threading.Lock()
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, _R, None)
+        self._listener: socket.socket | None = None
+        self._conns: dict[int, _Conn] = {}          # fd -> every live connection
+        self._peers: dict[int, _Conn] = {}          # node id -> established connection
+        self._accepting: dict[int, _Conn] = {}      # node id -> incoming connection past its HELLO
+        self._dials: dict[int, _Dial] = {}          # node id -> outgoing attempt not yet established
+        self._dirty: set[_Conn] = set()
+        self._events: list[Event] = []
+        self._in_select = False
+        self._busy_until = 0.0
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def address(self) -> Address:
+        return self._address
+
+    def listen(self) -> Address:
+        with self._lock:
+            self._check_open()
+            if self._listener is None:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(self._address)
+                s.listen(128)
+                s.setblocking(False)
+                self._listener = s
+                self._address = s.getsockname()[:2]
+                self._sel.register(s, _R, "listen")
+            return self._address
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for conn in list(self._peers.values()):
+                self._say_bye(conn)
+            for conn in list(self._conns.values()):
+                self._drop(conn)
+            if self._listener is not None:
+                self._unregister(self._listener)
+                self._listener.close()
+            self._dials.clear()
+            self._events.clear()
+            self._wake()
+        # the poller may still be in select: close the selector once it left
+        with self._progress_lock:
+            for s in (self._wake_r, self._wake_w):
+                try:
+                    self._sel.unregister(s)
+                except (KeyError, ValueError):
+                    pass
+                s.close()
+            self._sel.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosedError("transport is closed")
+
+    # ------------------------------------------------------------------ connections
+    def connect(self, node_id: int, address: Address) -> None:
+        with self._lock:
+            self._check_open()
+            if node_id == self.node_id:
+                raise ValueError(f"node {node_id} is this node; it cannot connect to itself")
+            if node_id in self._peers or node_id in self._dials or node_id in self._accepting:
+                return
+            dial = _Dial(node_id, (address[0], int(address[1])), time.monotonic() + self.timeout_s)
+            self._dials[node_id] = dial
+            self._start_dial(dial)
+        if not self._in_select:
+            return
+        self._wake()
+
+    def _start_dial(self, dial: _Dial) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = s.connect_ex(dial.address)
+        conn = _Conn(s, True, dial.node_id, dial.address)
+        conn.deadline = dial.deadline
+        dial.conn = conn
+        self._conns[conn.fd] = conn
+        if err in (0, errno.EINPROGRESS, errno.EAGAIN):
+            self._set_mask(conn, _W)
+        else:
+            self._dial_failed(dial, conn, f"connect: {errno.errorcode.get(err, err)}", retry=True)
+
+    def _dial_failed(self, dial: _Dial, conn: _Conn | None, why: str, *, retry: bool) -> None:
+        if conn is not None:
+            self._drop(conn)
+        dial.conn = None
+        dial.last_error = why
+        now = time.monotonic()
+        if retry and now + dial.backoff < dial.deadline:
+            dial.retry_at = now + dial.backoff
+            dial.backoff = min(dial.backoff * 2, 0.25)
+            return
+        del self._dials[dial.node_id]
+        self._events.append(PeerFailed(dial.node_id, f"could not connect to node {dial.node_id} at "
+                                                     f"{dial.address[0]}:{dial.address[1]}: {why}"))
+
+    def disconnect(self, node_id: int) -> None:
+        with self._lock:
+            conn = self._peers.get(node_id)
+            dial = self._dials.pop(node_id, None)
+            if dial is not None and dial.conn is not None:
+                self._drop(dial.conn)
+            if conn is None:
+                return
+            self._say_bye(conn)
+            self._fail(conn, "disconnected by this node", clean=True)
+
+    def peers(self) -> set[int]:
+        with self._lock:
+            return set(self._peers)
+
+    def queued(self, node_id: int) -> int:
+        with self._lock:
+            conn = self._peers.get(node_id)
+            return conn.msgs if conn is not None else 0
+
+    # ------------------------------------------------------------------ sending
+    def try_send(self, node_id: int, buffers: Sequence[Any]) -> bool:
+        views = [memoryview(b).cast("B") if not isinstance(b, bytes) else memoryview(b) for b in buffers]
+        size = sum(v.nbytes for v in views)
+        if size > self.max_message_size:
+            raise ValueError(f"message of {size} bytes exceeds max_message_size {self.max_message_size}")
+        with self._lock:
+            self._check_open()
+            conn = self._peers.get(node_id)
+            if conn is None:
+                raise NotConnectedError(f"node {node_id} is not connected", node_id=node_id)
+            q = conn.qbytes
+            if conn.msgs >= self.tx_depth or (q > 0 and q + size > self.max_queued_bytes):
+                return False
+            if q == 0:
+                conn.last_progress = time.monotonic()
+            conn.iov.append(memoryview(FRAME.pack(size, K_DATA)))
+            conn.iov.extend(v for v in views if v.nbytes)
+            conn.queued_total += FRAME.size + size
+            conn.msg_ends.append(conn.queued_total)
+            if self._in_select or conn.qbytes >= FLUSH_BYTES:
+                self._flush(conn)
+            else:
+                self._dirty.add(conn)
+            return True
+
+    def send(self, node_id: int, buffers: Sequence[Any], *, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.try_send(node_id, buffers):
+                return
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise SendQueueFull(f"send queue to node {node_id} still full after {timeout} s", node_id=node_id)
+            slice_s = 0.05 if deadline is None else min(0.05, deadline - now)
+            if self._progress_lock.acquire(blocking=False):
+                try:  # nobody polls: drive everything, reading only while there is room for events
+                    self._step(slice_s, read=len(self._events) < self.rx_depth)
+                finally:
+                    self._progress_lock.release()
+            else:  # the engine polls: push this peer's bytes, wait for room in its socket
+                with self._lock:
+                    conn = self._peers.get(node_id)
+                    if conn is None:
+                        raise NotConnectedError(f"node {node_id} failed while sending", node_id=node_id)
+                    self._flush(conn)
+                    fd = conn.fd
+                p = select.poll()
+                p.register(fd, select.POLLOUT)
+                p.poll(slice_s * 1000)
+
+    # ------------------------------------------------------------------ poll
+    def poll(self, timeout: float | None = 0.0) -> list[Event]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._check_open()
+        with self._progress_lock:
+            self._woken = False
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return []
+                    if self._events:
+                        return self._take_events()
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    self._step(0.0)
+                    with self._lock:
+                        return self._take_events()
+                self._step(None if deadline is None else deadline - now)
+                with self._lock:
+                    if self._events:
+                        return self._take_events()
+                    if self._woken:
+                        self._woken = False
+                        return []
+
+    _woken = False
+
+    def _take_events(self) -> list[Event]:
+        ev = self._events
+        self._events = []
+        return ev
+
+    def _step(self, wait: float | None, read: bool = True) -> None:
+        """One round: flush corked queues, timers, one select, handle what is ready."""
+        with self._lock:
+            if self._closed:
+                return
+            for conn in list(self._dirty):
+                self._flush(conn)
+            self._dirty.clear()
+            now = time.monotonic()
+            if self._timers(now) and (wait is None or wait > TIMER_TICK):
+                wait = TIMER_TICK
+            if self._events:
+                wait = 0.0
+            if now < self._busy_until:
+                wait = 0.0
+            self._in_select = True
+        try:
+            ready = self._sel.select(wait)
+        finally:
+            self._in_select = False
+        if not ready:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._busy_until = time.monotonic() + self.busy_wait_s
+            for key, mask in ready:
+                data = key.data
+                if data is None:
+                    self._drain_wake()
+                elif data == "listen":
+                    self._accept()
+                else:
+                    conn = self._conns.get(key.fd)
+                    if conn is None or conn.sock is not key.fileobj:
+                        continue
+                    self._io(conn, mask, read)
+
+    def wake(self) -> None:
+        if not self._closed:
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        self._woken = True
+
+    # ------------------------------------------------------------------ timers
+    def _timers(self, now: float) -> bool:
+        """Deadlines: dial retries, handshakes, stalled queues. True if any timer is pending."""
+        pending = False
+        for dial in list(self._dials.values()):
+            if dial.conn is None:
+                pending = True
+                if now >= dial.retry_at:
+                    self._start_dial(dial)
+        for conn in list(self._conns.values()):
+            if conn.state in ("connecting", "handshake"):
+                pending = True
+                if now >= conn.deadline:
+                    self._handshake_failed(conn, HandshakeError(
+                        f"no handshake within {self.timeout_s * 1000:.0f} ms"), log_level=logging.WARNING)
+            elif conn.state == "open" and conn.iov:
+                pending = True
+                if now - conn.last_progress > self.timeout_s:
+                    log.warning("node %d: %s: no send progress for %.0f ms, reporting it failed",
+                                self.node_id, conn.label(), self.timeout_s * 1000)
+                    self._fail(conn, f"send made no progress for {self.timeout_s * 1000:.0f} ms")
+        return pending
+
+    # ------------------------------------------------------------------ accept / handshake
+    def _accept(self) -> None:
+        assert self._listener is not None
+        for _ in range(64):
+            try:
+                s, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("node %d: accept failed: %s", self.node_id, exc)
+                return
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(s, False, None, None)
+            conn.deadline = time.monotonic() + self.timeout_s
+            conn.hs = Handshake("acceptor", self.node_id, self.incarnation, key=self.key,
+                                address=self._address, accept=lambda h, c=conn: self._accept_hello(c, h))
+            self._conns[conn.fd] = conn
+            self._set_mask(conn, _R)
+
+    def _accept_hello(self, conn: _Conn, h: Hello) -> tuple[int, str] | None:
+        """Duplicate-connection rules, decided by the acceptor on a HELLO (see docs/transports.md)."""
+        peer = h.node_id
+        conn.node_id = peer
+        old = self._peers.get(peer)
+        if old is not None:
+            if old.incarnation != h.incarnation:
+                self._fail(old, "peer restarted (new incarnation connected)")
+            else:
+                return REFUSE_DUPLICATE, f"node {self.node_id} already has a connection with node {peer}"
+        other = self._accepting.get(peer)
+        if other is not None and other is not conn:
+            if other.incarnation != h.incarnation:
+                self._drop(other)
+            else:
+                return REFUSE_DUPLICATE, f"node {self.node_id} is already accepting node {peer}"
+        dial = self._dials.get(peer)
+        if dial is not None:
+            if peer < self.node_id:  # the smaller id's connection wins
+                self._dials.pop(peer)
+                if dial.conn is not None:
+                    self._drop(dial.conn)
+            else:
+                return REFUSE_DUPLICATE, f"simultaneous connect: node {self.node_id}'s own connection wins"
+        conn.incarnation = h.incarnation
+        self._accepting[peer] = conn
+        return None
+
+    def _handshake_io(self, conn: _Conn, data: bytes) -> None:
+        assert conn.hs is not None
+        try:
+            out = conn.hs.receive(data)
+        except HandshakeError as exc:
+            reply = getattr(exc, "reply", b"")
+            if reply:
+                try:
+                    conn.sock.send(reply)
+                except OSError:
+                    pass
+            self._handshake_failed(conn, exc)
+            return
+        if out:
+            conn.hs_out += out
+            self._write_hs(conn)
+        if conn.hs.done and conn.state == "handshake":
+            self._established(conn)
+
+    def _handshake_failed(self, conn: _Conn, exc: Exception, log_level: int | None = None) -> None:
+        dial = self._dials.get(conn.node_id) if conn.initiator else None
+        if dial is not None and dial.conn is not conn:
+            dial = None
+        if isinstance(exc, DuplicateConnectionError):
+            log.debug("node %d: %s: %s", self.node_id, conn.label(), exc)
+            if dial is not None:
+                self._dials.pop(dial.node_id, None)
+            self._drop(conn)
+            return
+        if isinstance(exc, SelfConnectionError) and dial is not None:
+            log.info("node %d: connection to %s reached this node itself; retrying", self.node_id, conn.label())
+            self._dial_failed(dial, conn, str(exc), retry=True)
+            return
+        level = log_level or (logging.ERROR if isinstance(exc, (VersionMismatchError,)) or
+                              type(exc).__name__ == "AuthenticationError" else logging.WARNING)
+        log.log(level, "node %d: handshake with %s failed, connection closed: %s", self.node_id, conn.label(), exc)
+        if conn.node_id is not None and self._accepting.get(conn.node_id) is conn:
+            del self._accepting[conn.node_id]
+        if dial is not None:
+            self._dial_failed(dial, conn, f"handshake failed: {exc}", retry=False)
+        else:
+            self._drop(conn)
+
+    def _write_hs(self, conn: _Conn) -> None:
+        try:
+            n = conn.sock.send(conn.hs_out)
+            del conn.hs_out[:n]
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._handshake_failed(conn, HandshakeError(f"send failed: {exc}"))
+            return
+        if conn.fd in self._conns:
+            self._set_mask(conn, _R | (_W if conn.hs_out else 0))
+
+    def _established(self, conn: _Conn) -> None:
+        assert conn.hs is not None and conn.hs.peer is not None
+        h = conn.hs.peer
+        peer = h.node_id
+        conn.node_id = peer
+        conn.incarnation = h.incarnation
+        conn.peer_addr = h.address or conn.remote
+        if self._accepting.get(peer) is conn:
+            del self._accepting[peer]
+        if conn.initiator:
+            self._dials.pop(peer, None)
+        old = self._peers.get(peer)
+        if old is not None and old is not conn:
+            self._fail(old, "replaced by a new connection")
+        conn.state = "open"
+        conn.rbuf = bytearray(RECV_BUF)
+        conn.rmv = memoryview(conn.rbuf)
+        if conn.hs_out:  # the CONFIRM not written yet goes first
+            conn.iov.append(memoryview(bytes(conn.hs_out)))
+            conn.queued_total += len(conn.hs_out)
+            conn.hs_out.clear()
+            conn.last_progress = time.monotonic()
+        leftover = conn.hs.leftover
+        conn.hs = None
+        self._peers[peer] = conn
+        self._events.append(PeerConnected(peer, conn.peer_addr, conn.incarnation))
+        log.debug("node %d: connected to %s", self.node_id, conn.label())
+        if leftover:
+            n = len(leftover)
+            conn.rmv[:n] = leftover
+            conn.rend = n
+            self._parse(conn)
+        if conn.state == "open":
+            self._flush(conn)
+
+    # ------------------------------------------------------------------ I/O
+    def _io(self, conn: _Conn, mask: int, read: bool) -> None:
+        if conn.state == "connecting":
+            if mask & _W:
+                self._connected(conn)
+            return
+        if conn.state == "handshake":
+            if mask & _W and conn.hs_out:
+                self._write_hs(conn)
+            if mask & _R and conn.state == "handshake":
+                try:
+                    data = conn.sock.recv(65536)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    self._handshake_failed(conn, HandshakeError(f"connection error during handshake: {exc}"))
+                    return
+                if not data:
+                    self._handshake_failed(conn, HandshakeError("connection closed during handshake"),
+                                           log_level=logging.INFO)
+                    return
+                self._handshake_io(conn, data)
+            return
+        if conn.state != "open":
+            return
+        if mask & _W:
+            self._flush(conn)
+        if mask & _R and read and conn.state == "open":
+            self._read(conn)
+
+    def _connected(self, conn: _Conn) -> None:
+        dial = self._dials.get(conn.node_id)  # type: ignore[arg-type]
+        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if dial is None or dial.conn is not conn:
+            self._drop(conn)
+            return
+        if err:
+            self._dial_failed(dial, conn, errno.errorcode.get(err, str(err)), retry=True)
+            return
+        try:
+            local, remote = conn.sock.getsockname(), conn.sock.getpeername()
+        except OSError as exc:
+            self._dial_failed(dial, conn, str(exc), retry=True)
+            return
+        conn.remote = remote
+        if local == remote:
+            log.info("node %d: connect to node %d at %s:%d reached this socket itself "
+                     "(TCP simultaneous open); retrying", self.node_id, dial.node_id, *remote[:2])
+            self._dial_failed(dial, conn, "connected to itself (TCP simultaneous open)", retry=True)
+            return
+        conn.state = "handshake"
+        conn.hs = Handshake("initiator", self.node_id, self.incarnation, key=self.key,
+                            expected_peer=dial.node_id, address=self._address)
+        conn.hs_out += conn.hs.start()
+        self._write_hs(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        """Write as much of the peer's queue as the socket takes, in vectored batches."""
+        if conn.state != "open":
+            return
+        iov = conn.iov
+        while iov:
+            batch = list(itertools.islice(iov, 0, IOV_MAX)) if len(iov) > 1 else [iov[0]]
+            try:
+                n = conn.sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._fail(conn, f"send failed: {exc.strerror or exc}")
+                return
+            conn.sent_total += n
+            conn.last_progress = time.monotonic()
+            full = n < sum(b.nbytes for b in batch)
+            while n:
+                first = iov[0]
+                ln = first.nbytes
+                if ln <= n:
+                    n -= ln
+                    iov.popleft()
+                else:
+                    iov[0] = first[n:]
+                    n = 0
+            ends = conn.msg_ends
+            while ends and ends[0] <= conn.sent_total:
+                ends.popleft()
+            if full:
+                break  # partial write: the socket is full
+        self._set_mask(conn, _R | (_W if iov else 0))
+
+    def _read(self, conn: _Conn) -> None:
+        sock = conn.sock
+        budget = BIG_READ_CAP
+        while budget > 0:
+            try:
+                if conn.big is not None:
+                    n = sock.recv_into(conn.big_mv[conn.big_got:])  # type: ignore[index]
+                else:
+                    if conn.rend == len(conn.rbuf):  # type: ignore[arg-type]
+                        self._compact(conn)
+                    n = sock.recv_into(conn.rmv[conn.rend:])  # type: ignore[index]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(conn, f"connection error: {exc.strerror or exc}")
+                return
+            if n == 0:
+                pending = conn.big is not None or conn.rend > conn.rstart
+                why = "connection closed by peer in the middle of a frame (truncated)" if pending else \
+                    "connection closed by peer"
+                if pending:
+                    log.warning("node %d: %s: %s", self.node_id, conn.label(), why)
+                self._fail(conn, why)
+                return
+            budget -= n
+            if conn.big is not None:
+                conn.big_got += n
+                if conn.big_got == len(conn.big):
+                    self._events.append(MessageReceived(conn.node_id, conn.big_mv))  # type: ignore[arg-type]
+                    conn.big = conn.big_mv = None
+                    conn.big_got = 0
+                continue
+            conn.rend += n
+            if not self._parse(conn):
+                return
+            if n < 16384 and conn.big is None:
+                return  # the socket is probably drained; the selector tells us when there is more
+
+    def _compact(self, conn: _Conn) -> None:
+        rest = conn.rend - conn.rstart
+        if conn.rstart:
+            conn.rmv[:rest] = conn.rmv[conn.rstart:conn.rend]  # type: ignore[index]
+        conn.rstart, conn.rend = 0, rest
+
+    def _parse(self, conn: _Conn) -> bool:
+        """Cut whole frames out of the receive buffer. False if the connection was closed."""
+        rbuf, rmv = conn.rbuf, conn.rmv
+        assert rbuf is not None and rmv is not None
+        pos, end = conn.rstart, conn.rend
+        events = self._events
+        node = conn.node_id
+        hdr = FRAME.size
+        while end - pos >= hdr:
+            length, kind = FRAME.unpack_from(rbuf, pos)
+            if kind != K_DATA:
+                if kind == K_BYE and length == 0:
+                    conn.rstart = conn.rend = 0
+                    self._fail(conn, "peer closed the connection", clean=True)
+                    return False
+                return self._frame_error(conn, f"unknown frame kind {kind} (length {length})")
+            if length > self.max_message_size:
+                return self._frame_error(conn, f"absurd frame length {length} (max_message_size "
+                                               f"{self.max_message_size})")
+            avail = end - pos - hdr
+            if avail >= length:
+                events.append(MessageReceived(node, rbuf[pos + hdr:pos + hdr + length]))  # type: ignore[arg-type]
+                pos += hdr + length
+                continue
+            if length >= LARGE or hdr + length > len(rbuf):
+                big = bytearray(length)
+                big[:avail] = rmv[pos + hdr:end]
+                conn.big, conn.big_mv, conn.big_got = big, memoryview(big), avail
+                pos = end
+            break
+        if pos == end:
+            conn.rstart = conn.rend = 0
+        else:
+            conn.rstart = pos
+            if pos > len(rbuf) // 2:
+                self._compact(conn)
+        return True
+
+    def _frame_error(self, conn: _Conn, why: str) -> bool:
+        log.warning("node %d: %s sent garbage, closing that connection: %s", self.node_id, conn.label(), why)
+        exc = FrameError(why, node_id=conn.node_id)
+        self._fail(conn, f"protocol error: {exc}")
+        return False
+
+    # ------------------------------------------------------------------ teardown
+    def _say_bye(self, conn: _Conn) -> None:
+        if conn.state != "open":
+            return
+        try:
+            # best effort, after what is already queued; whatever does not fit is dropped
+            self._flush(conn)
+            if not conn.iov:
+                conn.sock.send(FRAME.pack(0, K_BYE))
+        except OSError:
+            pass
+
+    def _fail(self, conn: _Conn, why: str, clean: bool = False) -> None:
+        was_open = conn.state == "open"
+        node = conn.node_id
+        self._drop(conn)
+        if was_open and node is not None and self._peers.get(node) is conn:
+            del self._peers[node]
+            self._events.append(PeerFailed(node, why, clean))
+            log.log(logging.INFO if clean else logging.WARNING, "node %d: peer %d %s: %s",
+                    self.node_id, node, "disconnected" if clean else "failed", why)
+
+    def _drop(self, conn: _Conn) -> None:
+        if conn.state == "closed":
+            return
+        conn.state = "closed"
+        if self._conns.get(conn.fd) is conn:
+            del self._conns[conn.fd]
+        if conn.mask:
+            self._unregister(conn.sock)
+            conn.mask = 0
+        self._dirty.discard(conn)
+        if conn.node_id is not None and self._accepting.get(conn.node_id) is conn:
+            del self._accepting[conn.node_id]
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        conn.iov.clear()
+        conn.msg_ends.clear()
+        conn.sent_total = conn.queued_total
+
+    def _set_mask(self, conn: _Conn, mask: int) -> None:
+        if mask == conn.mask:
+            return
+        if conn.mask == 0:
+            self._sel.register(conn.sock, mask, conn)
+        else:
+            self._sel.modify(conn.sock, mask, conn)
+        conn.mask = mask
+
+    def _unregister(self, sock: socket.socket) -> None:
+        try:
+            self._sel.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def __repr__(self) -> str:
+        return f"<SocketsTransport node {self.node_id} at {self._address[0]}:{self._address[1]}>"
