@@ -435,7 +435,6 @@ class FileLogStore(LogStore):
                 if len(pending) >= WRITE_BUFFER:
                     self._flush_pending()
         except OSError as exc:
-            self._pending.clear()
             self._failed_write(exc, "append")
         self._end = off + HDR + n
         idx.add(version, ts)
@@ -455,9 +454,10 @@ class FileLogStore(LogStore):
 
     def _flush_pending(self) -> None:
         if self._pending:
-            self._write_all([self._pending], self._written)
-            self._written += len(self._pending)
-            self._pending.clear()
+            # swap first: a failed write's traceback may still hold views of the old buffer
+            buf, self._pending = self._pending, bytearray()
+            self._write_all([buf], self._written)
+            self._written += len(buf)
 
     def _failed_write(self, exc: OSError, what: str) -> None:
         """Undo every entry not yet persisted, so the files end at the last durable entry, and raise."""
@@ -472,7 +472,7 @@ class FileLogStore(LogStore):
         keep = self._synced_tail - self._idx.head
         self._idx.drop_back(keep)
         del self._off[keep:]
-        self._pending.clear()
+        self._pending = bytearray()
         self._end = self._written = self._synced_end
         try:
             os.ftruncate(self._dfd, self._synced_end)  # shrinking needs no space
