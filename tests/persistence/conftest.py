@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -10,6 +12,11 @@ from derecho_storage_file import FileLogStore
 from derecho_storage_mem import MemLogStore
 
 from derecho_core import Conf
+
+# the crash test's child module is imported by path, whatever pytest's import mode is
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 STORES = ("file", "mem")
 _roots = itertools.count()
