@@ -8,7 +8,9 @@ Design (see ``docs/transport-verbs.md`` for the measurements behind it):
   endpoint name, the provider, a random per-connection *epoch* and the size
   of the posted receive buffers. After the handshake the peer's name goes
   into the address vector. The socket then stays open as the liveness
-  channel: EOF or a reset is a failure, a ``BYE`` byte an orderly close.
+  channel: EOF or a reset is a failure, a ``BYE`` frame an orderly close.
+  Anything else there (absurd length, unknown kind, truncated frame) is
+  logged and closes that connection.
 * **Messages** flow over libfabric. Every message starts with a 24-byte
   header (sender id, receiver's epoch, kind, length). Small ones
   (header + payload <= ``eager_size``) are one ``fi_send`` into one of the
@@ -81,7 +83,11 @@ K_RNDV = 2
 EXTRA = struct.Struct("<IIHH")
 #: RMA descriptor: key, remote base, length
 RMA_DESC = struct.Struct("<QQQ")
-BYE = b"B"
+#: control frames on the OOB socket after the handshake: body length u32, kind u8, body
+CTRL = struct.Struct("<IB")
+C_BYE = 1
+BYE = CTRL.pack(0, C_BYE)
+MAX_CTRL_BODY = 4096
 DEFAULT_EAGER_SIZE = 16384
 SLEEP_SLICE = 0.001
 #: while busy-polling, the OOB sockets and timers are checked this often (seconds)
@@ -95,7 +101,7 @@ class _Conn:
 
     __slots__ = ("sock", "role", "node_id", "handshake", "state", "created", "fi_addr", "epoch", "peer_epoch",
                  "peer_eager", "inflight", "inflight_bytes", "backlog", "last_progress", "rx_queue", "large_seq",
-                 "incarnation", "peer_address", "out", "bye_sent", "pending_rx", "target", "rx_large_seq")
+                 "incarnation", "peer_address", "out", "bye_sent", "pending_rx", "target", "rx_large_seq", "ctrl_buf")
 
     def __init__(self, sock: socket.socket, role: str, node_id: int | None, target: Address | None = None):
         self.sock = sock
@@ -115,6 +121,7 @@ class _Conn:
         self.rx_queue: collections.deque = collections.deque()  # [data or None (pending large)]
         self.large_seq = 0
         self.rx_large_seq = 0
+        self.ctrl_buf = b""
         self.incarnation = 0
         self.peer_address: Address | None = None
         self.out = b""
@@ -343,6 +350,8 @@ class VerbsTransport(Transport):
         return EXTRA.pack(c.epoch, self.eager_size, len(name), len(prov)) + name + prov
 
     def _parse_extra(self, extra: bytes) -> tuple[int, int, bytes, str]:
+        if not extra:  # a peer without a libfabric endpoint: control connection only
+            return 0, 0, b"", self.provider
         if len(extra) < EXTRA.size:
             raise HandshakeError("peer is not a libfabric (verbs plugin) transport: no endpoint name in its handshake")
         epoch, eager, nlen, plen = EXTRA.unpack_from(extra)
@@ -389,6 +398,7 @@ class VerbsTransport(Transport):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c = _Conn(s, "acceptor", None)
             c.handshake = hs.Handshake("acceptor", self.node_id, self._incarnation, key=self._key,
+                                       version=hs.PROTOCOL_VERSION,
                                        address=self._address, extra=self._extra(c),
                                        accept=lambda h, c=c: self._accept_hello(c, h))
             self._conns.add(c)
@@ -402,6 +412,7 @@ class VerbsTransport(Transport):
                 return
             c.state = "handshake"
             c.handshake = hs.Handshake("initiator", self.node_id, self._incarnation, key=self._key,
+                                       version=hs.PROTOCOL_VERSION,
                                        expected_peer=c.node_id, address=self._address, extra=self._extra(c))
             self._sel.modify(c.sock, selectors.EVENT_READ, c)
             self._send_oob(c, c.handshake.start())
@@ -417,6 +428,10 @@ class VerbsTransport(Transport):
             why = "connection closed by the peer"
         if not data:
             if c.state == "established":
+                if c.ctrl_buf:
+                    log.warning("node %s closed its control connection in the middle of a frame (truncated frame)",
+                                c.node_id)
+                    why = "truncated control frame, then " + why
                 self._fail_conn(c, why + " (no BYE: process died or the network failed)", clean=False)
             elif c.role == "initiator" and c.state == "handshake":
                 self._connect_failed(c, why + " during the handshake")
@@ -429,11 +444,24 @@ class VerbsTransport(Transport):
             self._on_control_bytes(c, data)
 
     def _on_control_bytes(self, c: _Conn, data: bytes) -> None:
-        if data[:1] == BYE and len(data) == 1:
-            self._fail_conn(c, "peer closed the connection", clean=True)
+        buf = c.ctrl_buf + bytes(data)
+        while len(buf) >= CTRL.size:
+            length, kind = CTRL.unpack_from(buf)
+            if length > MAX_CTRL_BODY:
+                self._garbage(c, f"absurd control frame length {length} (max {MAX_CTRL_BODY})")
+                return
+            if len(buf) < CTRL.size + length:
+                break
+            buf = buf[CTRL.size + length:]
+            if kind == C_BYE:
+                self._fail_conn(c, "peer closed the connection", clean=True)
+                return
+            self._garbage(c, f"garbage: unknown control frame kind {kind}")
             return
-        exc = FrameError(f"node {c.node_id} sent {len(data)} unexpected bytes on its control connection "
-                         f"({bytes(data[:16])!r}); closing it", node_id=c.node_id)
+        c.ctrl_buf = buf
+
+    def _garbage(self, c: _Conn, what: str) -> None:
+        exc = FrameError(f"node {c.node_id} sent {what} on its control connection; closing it", node_id=c.node_id)
         log.warning("%s", exc)
         self._fail_conn(c, str(exc), clean=False)
 
@@ -497,7 +525,7 @@ class VerbsTransport(Transport):
         c.peer_address = h.address
         c.peer_epoch = epoch
         c.peer_eager = eager
-        c.fi_addr = self.ep.insert(name)
+        c.fi_addr = self.ep.insert(name) if name else -1
         self._peers[h.node_id] = c
         self._by_epoch[c.epoch] = c
 
@@ -584,6 +612,9 @@ class VerbsTransport(Transport):
             c = self._peers.get(node_id)
             if c is None or c.state != "established":
                 raise NotConnectedError(f"node {node_id} is not connected", node_id=node_id)
+            if c.fi_addr < 0:
+                raise NotConnectedError(f"node {node_id} completed the handshake without a libfabric endpoint "
+                                        "(control connection only): it cannot receive messages", node_id=node_id)
             if isinstance(buffers, (bytes, bytearray, memoryview)):
                 buffers = [buffers]
             views = [memoryview(b).cast("B") if not isinstance(b, bytes) else b for b in buffers]
@@ -816,7 +847,9 @@ class VerbsTransport(Transport):
                 self._fail_conn(c, f"send queue made no progress for {self.stall_timeout:.1f} s", clean=False)
 
     def _check_sockets(self, timeout: float) -> bool:
-        events = self._sel.select(timeout)
+        return self._handle_sock_events(self._sel.select(timeout))
+
+    def _handle_sock_events(self, events: list) -> bool:
         for key, mask in events:
             data = key.data
             if data is None:
@@ -875,10 +908,16 @@ class VerbsTransport(Transport):
             if now < busy_until:
                 continue
             sl = SLEEP_SLICE if deadline is None else max(0.0, min(SLEEP_SLICE, deadline - now))
+            try:  # sleep without the lock, so other threads can send meanwhile
+                events = self._sel.select(sl)
+            except (OSError, ValueError, KeyError):
+                if self._closed:
+                    raise TransportClosedError("transport is closed") from None
+                raise
             with lock:
                 if self._closed:
                     raise TransportClosedError("transport is closed")
-                self._check_sockets(sl)
+                self._handle_sock_events(events)
                 self._next_oob_check = 0.0
 
     def wake(self) -> None:
