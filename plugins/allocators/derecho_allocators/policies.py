@@ -33,6 +33,13 @@ def _size(value: Any, what: str) -> int:
     return value
 
 
+def _mode(value: Any) -> Mode:
+    try:
+        return Mode.parse(value)
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from None
+
+
 def _node_set(values: Iterable[Any], what: str) -> frozenset[int]:
     ids = list(values)
     for v in ids:
@@ -76,12 +83,12 @@ class ShardAllocationPolicy:
             hi = _size(self.max_nodes_per_shard, "max_nodes_per_shard")
             if lo > hi:
                 raise LayoutError(f"min_nodes_per_shard ({lo}) is larger than max_nodes_per_shard ({hi})")
-            set_(self, "shards_mode", Mode.parse(self.shards_mode))
+            set_(self, "shards_mode", _mode(self.shards_mode))
             set_(self, "shards_profile", _profile(self.shards_profile))
         else:
             mins = tuple(_size(v, f"min_num_nodes_by_shard[{i}]") for i, v in enumerate(self.min_num_nodes_by_shard))
             maxs = tuple(_size(v, f"max_num_nodes_by_shard[{i}]") for i, v in enumerate(self.max_num_nodes_by_shard))
-            modes = tuple(Mode.parse(m) for m in self.modes_by_shard) or (Mode.ORDERED,) * n
+            modes = tuple(_mode(m) for m in self.modes_by_shard) or (Mode.ORDERED,) * n
             profiles = tuple(_profile(p) for p in self.profiles_by_shard) or ("DEFAULT",) * n
             for name, seq in (("min_num_nodes_by_shard", mins), ("max_num_nodes_by_shard", maxs),
                               ("modes_by_shard", modes), ("profiles_by_shard", profiles)):
