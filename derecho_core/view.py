@@ -326,6 +326,15 @@ class View:
                    subgroup_type_order: Iterable[Hashable] = ()) -> View:
         """Rebuild a View from :meth:`to_bytes`; garbage raises ValueError, never anything worse."""
         try:
+            return cls._from_bytes(data, my_id, subgroup_type_order)
+        except (TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+            # a well-formed msgpack document of the wrong shape deep inside a field
+            raise ValueError(f"not a serialized View: {exc}") from None
+
+    @classmethod
+    def _from_bytes(cls, data: bytes | bytearray | memoryview, my_id: int | None,
+                    subgroup_type_order: Iterable[Hashable]) -> View:
+        try:
             raw = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, use_list=True)
         except Exception as exc:  # msgpack raises several unrelated types on garbage
             raise ValueError(f"not a serialized View: {exc}") from None
