@@ -125,7 +125,7 @@ class HLC(NamedTuple):
         return cls(int(us), int(logic))
 
     def __str__(self) -> str:
-        return f"{self.rtc_us}.{self.logic}"
+        return f"{self.rtc_us}/{self.logic}"
 
 
 class HLCClock:

@@ -139,10 +139,10 @@ class FileLogStore(LogStore):
 
     def __init__(self, directory: str | os.PathLike[str], name: str, *, reset: bool = False,
                  max_entries: int | None = None, max_bytes: int | None = None,
-                 index_sync_interval: float = 1.0, readonly: bool = False):
+                 index_sync_interval: float = 1.0, readonly: bool = False, base: str | None = None):
         self.name = name
         self.directory = Path(directory)
-        base = safe_log_name(name)
+        base = base or safe_log_name(name)  # ``base``: open by on-disk name (``derecho log``)
         self.data_path = self.directory / f"{base}.data"
         self.idx_path = self.directory / f"{base}.idx"
         self.meta_path = self.directory / f"{base}.meta"
@@ -167,6 +167,17 @@ class FileLogStore(LogStore):
         """The plugin factory: ``(conf, log_name)`` -> open log."""
         return cls(conf.get("PERS/file_path"), log_name, reset=bool(conf.get("PERS/reset")),
                    max_entries=conf.get("PERS/max_log_entry"), max_bytes=conf.get("PERS/max_data_size"))
+
+    # optional inspection part of the contract, used by ``derecho log`` through the plugin registry
+    @classmethod
+    def list_logs(cls, directory: str | os.PathLike[str]) -> list[str]:
+        """On-disk names of the logs in ``directory``."""
+        return list_logs(directory)
+
+    @classmethod
+    def open_readonly(cls, directory: str | os.PathLike[str], base: str) -> FileLogStore:
+        """Open the log stored as ``base`` without locking or repairing it (tears are reported, not cut)."""
+        return cls(directory, base, readonly=True, base=base)
 
     # ------------------------------------------------------------------ opening and recovery
     def _open(self, reset: bool) -> None:
