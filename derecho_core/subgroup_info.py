@@ -111,7 +111,7 @@ class SubgroupInfo:
         ids_by_type: list[list[int]] = []
         shard_views: list[list[SubView]] = []
         prev_ids = _prev_ids(types, prev_view)
-        for type_id, t in enumerate(types):
+        for t in types:
             ids = []
             for index, shards in enumerate(allocation[t]):
                 ids.append(len(shard_views))
@@ -139,7 +139,7 @@ def _prev_ids(types: list[Hashable], prev_view: View | None) -> dict[Hashable, l
     if prev_view is None:
         return {}
     order = prev_view.subgroup_type_order or types  # a decoded view may not know its types
-    return dict(zip(order, prev_view.subgroup_ids_by_type_id))
+    return dict(zip(order, prev_view.subgroup_ids_by_type_id, strict=False))
 
 
 def _prev_shards(prev_view: View | None, prev_ids: dict[Hashable, list[int]], t: Hashable,

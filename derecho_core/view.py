@@ -145,7 +145,7 @@ class SubView:
 
     @property
     def senders(self) -> list[int]:
-        return [m for m, s in zip(self.members, self.is_sender) if s]
+        return [m for m, s in zip(self.members, self.is_sender, strict=True) if s]
 
     def init_joined_departed(self, previous: SubView | None) -> None:
         """Set ``joined``/``departed`` against the same shard in the previous view (None: all joined)."""
@@ -266,7 +266,7 @@ class View:
     @property
     def subgroup_ids_by_type(self) -> dict[Hashable, list[int]]:
         """Subgroup ids of each type (the allocation's types, in type order)."""
-        return {t: list(ids) for t, ids in zip(self.subgroup_type_order, self.subgroup_ids_by_type_id)}
+        return {t: list(ids) for t, ids in zip(self.subgroup_type_order, self.subgroup_ids_by_type_id, strict=False)}
 
     def subgroup_id(self, subgroup_type: Hashable, index: int = 0) -> int:
         return self.subgroup_ids_by_type_id[self.subgroup_type_order.index(subgroup_type)][index]

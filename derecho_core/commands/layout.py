@@ -188,7 +188,7 @@ def _ids_text(ids: list[int]) -> str:
 def view_record(view: Any, error: str | None, prev_vid: int | None) -> dict[str, Any]:
     assigned: set[int] = set()
     subgroups = []
-    for t, ids in zip(view.subgroup_type_order, view.subgroup_ids_by_type_id):
+    for t, ids in zip(view.subgroup_type_order, view.subgroup_ids_by_type_id, strict=False):
         for index, sg_id in enumerate(ids):
             shards = []
             for sv in view.subgroup_shard_views[sg_id]:
@@ -233,7 +233,7 @@ def print_table(rec: dict[str, Any]) -> None:
             rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for row in rows:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     print(f"  next_unassigned_rank {rec['next_unassigned_rank']}; idle: "
           f"{_ids_text(rec['idle']) if rec['idle'] else '(none)'}")
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-from subgroup_helpers import first_view, layout, r
-
 import derecho_allocators
+import pytest
 from derecho_allocators import (
     CrossProductPolicy,
     DefaultSubgroupAllocator,
@@ -23,7 +21,9 @@ from derecho_allocators import (
     one_subgroup_policy,
     raw_fixed_even_shards,
 )
-from derecho_core import ConfigError, Conf, Mode, SubgroupInfo, View, make_next_view
+from subgroup_helpers import first_view, layout, r
+
+from derecho_core import Conf, ConfigError, Mode, SubgroupInfo, View, make_next_view
 
 
 class Foo: ...

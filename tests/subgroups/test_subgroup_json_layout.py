@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from derecho_allocators import DefaultSubgroupAllocator, LayoutError, parse_json_layout
-from derecho_core import ConfigError, Conf, Mode, PluginNotFoundError, SubgroupInfo, View
+
+from derecho_core import Conf, ConfigError, Mode, PluginNotFoundError, SubgroupInfo, View
 
 
 def sub(**fields):

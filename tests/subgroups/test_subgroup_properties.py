@@ -12,15 +12,15 @@ Checked after every view change (issue 5, acceptance 2):
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
-
 from derecho_allocators import (
     DefaultSubgroupAllocator,
     SubgroupAllocationPolicy,
     custom_shards_policy,
     flexible_even_shards,
 )
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
 from derecho_core import Mode, SubgroupInfo, SubgroupProvisioningError, View, make_next_view
 
 MAX_NODE = 40
@@ -41,7 +41,7 @@ def shard_policies(draw, reserved_pool: list[int] | None):
         # disjoint reservations within the subgroup; the same ids may recur in other subgroups (overlap)
         ids = draw(st.permutations(reserved_pool))
         cuts = sorted(draw(st.lists(st.integers(0, len(ids)), min_size=n - 1, max_size=n - 1)))
-        parts = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)])]
+        parts = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)], strict=True)]
         reserved = [set(p) for p in parts]
         senders = [set(p[:draw(st.integers(0, len(p)))]) for p in parts]
     return custom_shards_policy(mins, maxs, modes, [draw(st.sampled_from(PROFILES)) for _ in range(n)],

@@ -22,8 +22,6 @@ Scenarios (the tester's TEST numbers in brackets):
 from __future__ import annotations
 
 import pytest
-from subgroup_helpers import addr, all_shards, assert_ordered_default_all_senders, first_view, layout, r, senders
-
 from derecho_allocators import (
     CrossProductPolicy,
     DefaultSubgroupAllocator,
@@ -34,6 +32,8 @@ from derecho_allocators import (
     identical_subgroups_policy,
     one_subgroup_policy,
 )
+from subgroup_helpers import addr, all_shards, assert_ordered_default_all_senders, first_view, layout, r, senders
+
 from derecho_core import Mode, SubgroupInfo, SubgroupProvisioningError, make_next_view
 
 

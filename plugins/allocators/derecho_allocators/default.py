@@ -89,7 +89,7 @@ class DefaultSubgroupAllocator:
             raise LayoutError(f"the layout has {len(policies)} entries but there are {len(types)} subgroup types "
                               f"({', '.join(_name(t) for t in types)}); give one entry per type, in type order",
                               path="layout", source=source)
-        return cls(dict(zip(types, policies)))
+        return cls(dict(zip(types, policies, strict=True)))
 
     @classmethod
     def from_json_file(cls, types: Sequence[Hashable] | None, path: str | os.PathLike[str]) -> DefaultSubgroupAllocator:
@@ -125,7 +125,7 @@ class DefaultSubgroupAllocator:
             if len(types) != len(self._positional):
                 raise LayoutError(f"the layout has {len(self._positional)} entries but the group has {len(types)} "
                                   f"subgroup types ({', '.join(_name(t) for t in types)})", path="layout")
-            return dict(zip(types, self._positional))
+            return dict(zip(types, self._positional, strict=True))
         assert self._by_type is not None
         missing = [_name(t) for t in types if t not in self._by_type]
         if missing:
@@ -233,7 +233,7 @@ def _previous_shards(types: list[Hashable], prev_view: View | None) -> dict[_Key
         return {}
     order = prev_view.subgroup_type_order or types  # a decoded view may not know its types
     out: dict[_Key, SubView] = {}
-    for t, ids in zip(order, prev_view.subgroup_ids_by_type_id):
+    for t, ids in zip(order, prev_view.subgroup_ids_by_type_id, strict=False):
         for index, sg_id in enumerate(ids):
             for shard, sv in enumerate(prev_view.subgroup_shard_views[sg_id]):
                 out[(t, index, shard)] = sv

@@ -114,7 +114,7 @@ class _Parser:
         mins = [self.size(v, f"{path}.min_nodes_by_shard[{i}]") for i, v in enumerate(mins_raw)]
         maxs = [self.size(v, f"{path}.max_nodes_by_shard[{i}]")
                 for i, v in enumerate(per_shard("max_nodes_by_shard") or [])]
-        for i, (lo, hi) in enumerate(zip(mins, maxs)):
+        for i, (lo, hi) in enumerate(zip(mins, maxs, strict=True)):
             if lo > hi:
                 raise self.fail(f"{path}.max_nodes_by_shard[{i}]",
                                 f"maximum {hi} is below the minimum {lo} (min_nodes_by_shard[{i}])")

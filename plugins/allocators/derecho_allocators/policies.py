@@ -94,7 +94,7 @@ class ShardAllocationPolicy:
                               ("modes_by_shard", modes), ("profiles_by_shard", profiles)):
                 if len(seq) != n:
                     raise LayoutError(f"{name} has {len(seq)} entries for {n} shards")
-            for i, (lo, hi) in enumerate(zip(mins, maxs)):
+            for i, (lo, hi) in enumerate(zip(mins, maxs, strict=True)):
                 if lo > hi:
                     raise LayoutError(f"shard {i}: min_num_nodes_by_shard ({lo}) is larger than "
                                       f"max_num_nodes_by_shard ({hi})")

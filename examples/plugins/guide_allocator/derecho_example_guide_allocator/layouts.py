@@ -13,6 +13,7 @@ from derecho_allocators import (
     identical_subgroups_policy,
     one_subgroup_policy,
 )
+
 from derecho_core import SubgroupInfo
 
 
