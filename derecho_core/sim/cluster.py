@@ -1,0 +1,213 @@
+"""The simulated cluster: nodes running the real membership protocol on a virtual network and clock."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..protocol import events as ev
+from ..protocol.membership import Membership
+from ..view import IpAndPorts, View
+from .invariants import Checker
+
+log = logging.getLogger("derecho.sim")
+
+
+@dataclass
+class SimParams:
+    heartbeat_ms: float = 20.0
+    suspicion_timeout_ms: float = 200.0
+    min_delay_ms: float = 0.05
+    max_delay_ms: float = 4.0
+    #: after a crash, how soon a peer's transport reports the broken connection (None: never; a hung node)
+    reset_detect_ms: tuple[float, float] = (1.0, 30.0)
+    partition_safety: bool = True
+
+
+@dataclass
+class SimNode:
+    node_id: int
+    address: IpAndPorts
+    proto: Membership
+    alive: bool = True
+    incarnation: int = 0
+    views: list[View] = field(default_factory=list)
+    stop: ev.Stop | None = None
+
+
+class Cluster:
+    """A set of simulated nodes. Everything random comes from ``seed``."""
+
+    def __init__(self, seed: int, params: SimParams | None = None,
+                 allocate_factory: Callable[[], Any] | None = None) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.params = params or SimParams()
+        self.allocate_factory = allocate_factory
+        self.now = 0.0
+        self.nodes: dict[int, SimNode] = {}
+        self.by_gms: dict[tuple[str, int], int] = {}
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._link_clock: dict[tuple[Any, Any], float] = {}
+        #: pairs of node ids that cannot talk (both directions)
+        self.cut: set[frozenset[int]] = set()
+        self.checker = Checker(self)
+        self.trace: list[str] = []
+        self.steps = 0
+
+    # ------------------------------------------------------------------ scheduling
+    def at(self, time: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, (time, next(self._seq), fn))
+
+    def run_until(self, time: float) -> None:
+        while self._queue and self._queue[0][0] <= time:
+            t, _, fn = heapq.heappop(self._queue)
+            self.now = max(self.now, t)
+            fn()
+            self.steps += 1
+        self.now = max(self.now, time)
+
+    # ------------------------------------------------------------------ nodes
+    def _address(self, node_id: int) -> IpAndPorts:
+        # distinct loopback-style addresses; never used for real traffic
+        return IpAndPorts(f"sim-{node_id}", 1000 + node_id, 2000 + node_id, 3000 + node_id, 4000 + node_id,
+                          5000 + node_id)
+
+    def _new_proto(self, node_id: int, incarnation: int) -> Membership:
+        allocate = self.allocate_factory() if self.allocate_factory else None
+        return Membership(node_id, self._address(node_id), heartbeat_ms=self.params.heartbeat_ms,
+                          suspicion_timeout_ms=self.params.suspicion_timeout_ms,
+                          partition_safety=self.params.partition_safety, allocate=allocate,
+                          nonce=(node_id << 20) + incarnation + 1)
+
+    def start_leader(self, node_id: int) -> None:
+        node = self._add(node_id)
+        self._perform(node, node.proto.start_new_group(self.now))
+
+    def start_joiner(self, node_id: int, contact: int) -> None:
+        node = self._add(node_id)
+        target = self.nodes[contact].address
+        self._perform(node, node.proto.start_join((target.ip_address, target.gms_port), self.now))
+
+    def _add(self, node_id: int) -> SimNode:
+        old = self.nodes.get(node_id)
+        incarnation = old.incarnation + 1 if old else 0
+        if old is not None and old.alive and old.stop is None:
+            raise RuntimeError(f"node {node_id} is still running")
+        node = SimNode(node_id, self._address(node_id), self._new_proto(node_id, incarnation),
+                       incarnation=incarnation)
+        self.nodes[node_id] = node
+        self.by_gms[(node.address.ip_address, node.address.gms_port)] = node_id
+        self.trace.append(f"{self.now:9.2f} start node {node_id} (incarnation {incarnation})")
+        return node
+
+    def crash(self, node_id: int, hung: bool = False) -> None:
+        """Kill a node. Unless ``hung``, its peers' transports notice the broken connections."""
+        node = self.nodes[node_id]
+        if not node.alive:
+            return
+        node.alive = False
+        self.trace.append(f"{self.now:9.2f} crash node {node_id}{' (hung)' if hung else ''}")
+        if hung:
+            return
+        view = node.proto.view
+        if view is None:
+            return
+        for peer in view.members:
+            if peer != node_id:
+                delay = self.rng.uniform(*self.params.reset_detect_ms)
+                self.at(self.now + delay, lambda p=peer, inc=node.incarnation: self._notify_reset(p, node_id, inc))
+
+    def _notify_reset(self, peer: int, failed: int, incarnation: int) -> None:
+        target = self.nodes.get(peer)
+        if target is None or not target.alive or frozenset((peer, failed)) in self.cut:
+            return
+        if self.nodes[failed].incarnation != incarnation:
+            return
+        self._deliver(target, ev.PeerUnreachable(failed, "connection reset"))
+
+    def partition(self, side: set[int]) -> None:
+        """Cut every link between ``side`` and the rest."""
+        others = set(self.nodes) - side
+        for a in side:
+            for b in others:
+                self.cut.add(frozenset((a, b)))
+        self.trace.append(f"{self.now:9.2f} partition {sorted(side)} | {sorted(others)}")
+
+    def heal(self) -> None:
+        self.cut.clear()
+        self.trace.append(f"{self.now:9.2f} heal")
+
+    # ------------------------------------------------------------------ running protocol code
+    def _deliver(self, node: SimNode, event: ev.Event) -> None:
+        if not node.alive or node.stop is not None:
+            return
+        actions = node.proto.handle(event, self.now)
+        self._perform(node, actions)
+
+    def _perform(self, node: SimNode, actions: list[ev.Action]) -> None:
+        for action in actions:
+            if isinstance(action, ev.Send):
+                self._transmit(node, ("node", action.node_id), action.node_id, action.data, member=True)
+            elif isinstance(action, ev.SendToAddress):
+                dst = self.by_gms.get(action.address)
+                if dst is not None:
+                    self._transmit(node, ("gms", dst), dst, action.data, member=False)
+            elif isinstance(action, ev.InstallView):
+                node.views.append(action.view)
+                self.trace.append(f"{self.now:9.2f} node {node.node_id} installs view {action.view.vid} "
+                                  f"{action.view.members}")
+                self.checker.on_install(node, action.view)
+            elif isinstance(action, ev.Stop):
+                node.stop = action
+                self.trace.append(f"{self.now:9.2f} node {node.node_id} stops: {action.kind}: {action.reason}")
+                self.checker.on_stop(node, action)
+            elif isinstance(action, ev.Log):
+                if log.isEnabledFor(action.level):
+                    log.log(action.level, f"[t={self.now:.2f}] " + action.message, *action.args)
+        self.checker.after_step()
+        if node.alive and node.stop is None:
+            deadline = node.proto.next_deadline()
+            if deadline != float("inf"):
+                inc = node.incarnation
+                self.at(max(deadline, self.now + 0.001), lambda: self._tick(node.node_id, inc))
+
+    def _tick(self, node_id: int, incarnation: int) -> None:
+        node = self.nodes[node_id]
+        if node.incarnation != incarnation:
+            return
+        # coalesce: only tick when the protocol's deadline has come
+        if node.proto.next_deadline() <= self.now + 1e-9:
+            self._deliver(node, ev.Tick())
+
+    def _transmit(self, src: SimNode, channel: tuple[str, int], dst: int, data: bytes, member: bool) -> None:
+        if frozenset((src.node_id, dst)) in self.cut:
+            return
+        key = (src.node_id, src.incarnation, channel)
+        delay = self.rng.uniform(self.params.min_delay_ms, self.params.max_delay_ms)
+        when = max(self.now + delay, self._link_clock.get(key, 0.0) + 1e-6)  # FIFO per link
+        self._link_clock[key] = when
+        sender, inc = src.node_id, src.incarnation
+
+        def arrive() -> None:
+            target = self.nodes.get(dst)
+            s = self.nodes.get(sender)
+            if target is None or s is None or frozenset((sender, dst)) in self.cut:
+                return
+            if s.incarnation != inc and member:
+                return  # the connection of a dead incarnation is gone
+            self._deliver(target, ev.Received(sender, data) if member else ev.ReceivedAtAddress(data))
+
+        self.at(when, arrive)
+
+    # ------------------------------------------------------------------ inspection
+    def live(self) -> list[SimNode]:
+        return [n for n in self.nodes.values() if n.alive and n.stop is None]
+
+    def replay_command(self) -> str:
+        return f"python -m derecho_core.sim --seed {self.seed}"
