@@ -247,7 +247,7 @@ class Endpoint:
 
     def __init__(self, provider: str | None = None, domain: str | None = None, node: str = "127.0.0.1",
                  service: str | int | None = None, tx_size: int = 0, rx_size: int = 0, caps: int | None = None,
-                 cq_size: int = 0):
+                 cq_size: int = 0, wait_fd: bool = False):
         ffi, lib = _load()
         self._ffi, self._lib = ffi, lib
         self._closed = False
@@ -255,6 +255,9 @@ class Endpoint:
         self._fabric = self._domain = self._ep = self._cq = self._av = None
         self._mrs: set[MemoryRegion] = set()
         self._next_key = 1
+        self._want_wait_fd = wait_fd
+        #: a file descriptor that becomes readable when the CQ may have completions (FI_WAIT_FD), or None
+        self.wait_fd: int | None = None
         caps = default_caps() if caps is None else caps
         hints = _make_hints(ffi, lib, provider, domain, caps, tx_size, rx_size)
         infop = ffi.new("struct fi_info **")
@@ -296,10 +299,20 @@ class Endpoint:
         attr = ffi.new("struct fi_cq_attr *")
         attr.size = cq_size
         attr.format = lib.FI_CQ_FORMAT_TAGGED
-        attr.wait_obj = lib.FI_WAIT_NONE
+        attr.wait_obj = lib.FI_WAIT_FD if self._want_wait_fd else lib.FI_WAIT_NONE
         p = ffi.new("struct fid_cq **")
-        _check(lib.fi_cq_open(self._domain, attr, p, ffi.NULL), "fi_cq_open")
+        ret = lib.fi_cq_open(self._domain, attr, p, ffi.NULL)
+        if ret < 0 and self._want_wait_fd:  # the provider cannot give an fd: a polled CQ
+            log.debug("FI_WAIT_FD completion queue refused (%s); polling only", strerror(-ret))
+            attr.wait_obj = lib.FI_WAIT_NONE
+            ret = lib.fi_cq_open(self._domain, attr, p, ffi.NULL)
+        _check(ret, "fi_cq_open")
         self._cq = p[0]
+        if attr.wait_obj == lib.FI_WAIT_FD:
+            fd = ffi.new("int *")
+            if lib.fi_control(ffi.addressof(self._cq.fid), lib.FI_GETWAIT, fd) == 0:
+                self.wait_fd = int(fd[0])
+                self._trywait_fids = ffi.new("struct fid *[1]", [ffi.addressof(self._cq.fid)])
         aattr = ffi.new("struct fi_av_attr *")
         aattr.type = lib.FI_AV_TABLE if self._info.domain_attr.av_type == lib.FI_AV_UNSPEC else \
             self._info.domain_attr.av_type
@@ -486,6 +499,12 @@ class Endpoint:
         out.append(Completion(int(ffi.cast("uintptr_t", err.op_context)), err.flags, err.len, err.tag, err.data,
                               code or lib.FI_EIO, msg))
         return 1
+
+    def trywait(self) -> bool:
+        """True when it is safe to block on :attr:`wait_fd` (``fi_trywait`` says no completion is pending)."""
+        if self.wait_fd is None:
+            return False
+        return self._lib.fi_trywait(self._fabric, self._trywait_fids, 1) == 0
 
     # ------------------------------------------------------------------ close
     def close(self) -> None:

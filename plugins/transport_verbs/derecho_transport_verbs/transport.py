@@ -24,8 +24,10 @@ Design (see ``docs/transport-verbs.md`` for the measurements behind it):
 * **Progress** is manual: :meth:`VerbsTransport.poll` calls ``fi_cq_read``,
   retries posts that met ``-FI_EAGAIN`` and watches the OOB sockets. After
   activity it busy-polls for ``p2p_loop_busy_wait_before_sleep_ms``, then
-  sleeps in ``select`` on the OOB sockets and the wake-up pipe in slices
-  of at most 1 ms (libfabric tcp needs ``fi_cq_read`` to move data).
+  sleeps in ``select`` on the OOB sockets, the wake-up pipe and the CQ's
+  wait fd (``FI_WAIT_FD``, after ``fi_trywait`` says nothing is pending), in
+  slices of at most 20 ms so timers run; a provider without a wait fd
+  sleeps in 1 ms slices (libfabric tcp needs ``fi_cq_read`` to move data).
 * **Bounded**: at most ``tx_depth`` messages (and ``max_queued_bytes``) per
   peer are posted or waiting for a retry; ``try_send`` says False beyond.
   A queue without progress for ``sst_poll_cq_timeout_ms`` fails the peer.
@@ -90,6 +92,8 @@ BYE = CTRL.pack(0, C_BYE)
 MAX_CTRL_BODY = 4096
 DEFAULT_EAGER_SIZE = 16384
 SLEEP_SLICE = 0.001
+#: longest single sleep when the CQ has a wait fd (timers are checked at least this often)
+MAX_SLEEP = 0.02
 #: while busy-polling, the OOB sockets and timers are checked this often (seconds)
 OOB_CHECK = 0.0005
 
@@ -174,7 +178,8 @@ class VerbsTransport(Transport):
                 pass
         self._fi_node = node
         try:
-            self.ep = fab.Endpoint(provider, fi_domain, node=node, tx_size=0, rx_size=0)
+            self.ep = fab.Endpoint(provider, fi_domain, node=node, tx_size=0, rx_size=0,
+                                   wait_fd=os.environ.get("DERECHO_VERBS_WAIT_FD", "1") != "0")
         except fab.FabricError as exc:
             hint = ""
             if provider == "verbs":
@@ -197,6 +202,8 @@ class VerbsTransport(Transport):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        if self.ep.wait_fd is not None:  # the CQ's fd: an idle poll sleeps until libfabric has work
+            self._sel.register(self.ep.wait_fd, selectors.EVENT_READ, "cq")
         self._wake_flag = False
         self._listener: socket.socket | None = None
         self._address = self._requested
@@ -858,6 +865,8 @@ class VerbsTransport(Transport):
                 except BlockingIOError:
                     pass
                 continue
+            if data == "cq":
+                continue  # the next fi_cq_read handles it
             if data == "listen":
                 self._on_listen()
             else:
@@ -907,7 +916,16 @@ class VerbsTransport(Transport):
                 return []
             if now < busy_until:
                 continue
-            sl = SLEEP_SLICE if deadline is None else max(0.0, min(SLEEP_SLICE, deadline - now))
+            if self.ep.wait_fd is not None:
+                with lock:
+                    if self._closed:
+                        raise TransportClosedError("transport is closed")
+                    if self._events or not self.ep.trywait():
+                        continue  # completions pending: poll again
+                limit = MAX_SLEEP
+            else:
+                limit = SLEEP_SLICE
+            sl = limit if deadline is None else max(0.0, min(limit, deadline - now))
             try:  # sleep without the lock, so other threads can send meanwhile
                 events = self._sel.select(sl)
             except (OSError, ValueError, KeyError):
