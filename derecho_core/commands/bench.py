@@ -1,0 +1,67 @@
+"""``derecho bench <name>``: the benchmarks of :mod:`derecho_core.benchmarks`, and ``all`` to run each in turn.
+
+A benchmark is a module ``derecho_core.benchmarks.<name>`` that defines
+``add_arguments(parser)`` and ``run(args) -> int``; it is discovered, so adding
+one never touches this file. Each prints a table with the baselines measured
+in the same run, and a JSON record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from types import ModuleType
+
+
+def _benchmarks() -> dict[str, ModuleType | Exception]:
+    from .. import benchmarks
+
+    found: dict[str, ModuleType | Exception] = {}
+    for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        try:
+            found[info.name] = importlib.import_module(f"{benchmarks.__name__}.{info.name}")
+        except Exception as exc:  # one broken benchmark must not take the whole CLI down
+            found[info.name] = exc
+    return found
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run benchmarks (with same-run baselines)",
+                       description="Run a benchmark by name, or all of them. Results: a table and JSON.")
+    names = p.add_subparsers(dest="bench_name", metavar="NAME")
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    for name, module in _benchmarks().items():
+        if isinstance(module, Exception):
+            bp = names.add_parser(name, help=f"(unavailable: {module})")
+            bp.set_defaults(func=_broken(name, module))
+            continue
+        doc = (module.__doc__ or "").strip().splitlines()
+        bp = names.add_parser(name, help=doc[0] if doc else name, description=module.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(bp)
+        bp.set_defaults(func=module.run)
+        parsers[name] = bp
+    allp = names.add_parser("all", help="run every benchmark with its defaults, one after the other")
+    allp.set_defaults(func=lambda args: _run_all(parsers))
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _broken(name: str, exc: Exception):
+    def run(args: argparse.Namespace) -> int:
+        print(f"derecho bench {name}: cannot load the benchmark: {exc!r}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def _run_all(parsers: dict[str, argparse.ArgumentParser]) -> int:
+    worst = 0
+    for name, bp in parsers.items():
+        print(f"==> derecho bench {name}", flush=True)
+        args = bp.parse_args([])
+        worst = max(worst, int(args.func(args) or 0))
+    return worst
