@@ -88,3 +88,30 @@ def test_types_matched_by_name(guide_plugin):
     info = SubgroupInfo(guide_plugin.guide_allocator)
     v = allocate(info, View(0, range(6)), types=["Foo", "Bar", "Cache"])
     assert v.subgroup_members("Cache") == [[3, 4, 5]]
+
+
+@pytest.mark.timeout(180)
+def test_pip_installed_into_a_temporary_directory(tmp_path):
+    """Built and installed by pip like any third-party plugin, found through its entry point."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    src = tmp_path / "src"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(target), str(src)],
+                   check=True, capture_output=True, timeout=170)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DERECHO_")}
+    env["PYTHONPATH"] = str(target)
+    out = subprocess.run([sys.executable, "-m", "derecho_core", "plugins", "--json"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    listing = {p["name"]: p for p in json.loads(out.stdout)["plugins"]}
+    assert listing["guide"]["distribution"] == "derecho-example-guide-allocator"
+    assert listing["guide"]["registered"] == {"allocator": ["guide"]}
+    out = subprocess.run([sys.executable, "-m", "derecho_core", "layout", "--allocator", "guide", "--types",
+                          "Foo,Bar,Cache", "-n", "6", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    (view,) = json.loads(out.stdout)["views"]
+    assert [sg["shards"][0]["members"] for sg in view["subgroups"]] == [[0, 1, 2], [0, 1, 2], [3, 4, 5]]
