@@ -167,6 +167,17 @@ def build_layout(args: argparse.Namespace) -> tuple[Any, list[Hashable]]:
         names = [n.strip() for n in args.types.split(",") if n.strip()]
         if known is None:
             return info, list(names)
+        if getattr(info.allocator, "positional", False):
+            # A JSON layout serves types by position (Derecho ignores type_alias): the names only label
+            # the positions, so a reordering of the aliases would silently swap the layouts.
+            aliases = [_name(t) for t in known]
+            if len(names) != len(aliases):
+                raise LayoutCommandError(f"--types gives {len(names)} types but the layout has {len(aliases)} "
+                                         f"entries ({', '.join(aliases)})")
+            if sorted(names) == sorted(aliases) and names != aliases:
+                raise LayoutCommandError(f"--types {','.join(names)}: the JSON layout serves types by position "
+                                         f"and lists them as {', '.join(aliases)}; give the types in that order")
+            return info, list(names)
         by_name = {_name(t): t for t in known}
         unknown = [n for n in names if n not in by_name]
         if unknown:

@@ -66,11 +66,15 @@ def test_layout_file_from_config_file(capsys, tmp_path):
     (tmp_path / "layout.json").write_text(GUIDE_JSON)
     cfg = tmp_path / "derecho.cfg"
     cfg.write_text("[LAYOUT]\njson_layout_file = layout.json\n")
-    code, out, _ = run_cli(capsys, "--file", str(cfg), "--types", "Bar,Foo", "-n", "12", "--json")
+    code, out, _ = run_cli(capsys, "--file", str(cfg), "--types", "A,B", "-n", "12", "--json")
     assert code == 0, out
     (view,) = json.loads(out)["views"]
-    # --types picks the group order (and, for a JSON layout, names the positions)
-    assert [sg["type"] for sg in view["subgroups"]] == ["Bar", "Foo", "Foo"]
+    # a JSON layout serves types by position: --types names the positions
+    assert [sg["type"] for sg in view["subgroups"]] == ["A", "B", "B"]
+    assert shards_of(view, "A") == [[[0, 1, 2], [3, 4, 5]]]
+    # ... and refuses a reordering of its own aliases, which would swap the layouts silently
+    code, _, err = run_cli(capsys, "--file", str(cfg), "--types", "Bar,Foo", "-n", "12")
+    assert code == 1 and "serves types by position" in err
 
 
 def test_failures_and_joins_show_following_views(capsys):

@@ -109,6 +109,11 @@ class DefaultSubgroupAllocator:
         return cls.from_json(types, text, source=str(path) if path else "[LAYOUT] json_layout")
 
     @property
+    def positional(self) -> bool:
+        """True for a JSON layout without types: entry i serves the group's i-th type, whatever it is called."""
+        return self._positional is not None
+
+    @property
     def types(self) -> list[Hashable] | None:
         """The types the policies name (or the JSON aliases, for a positional layout)."""
         if self._by_type is not None:
