@@ -247,7 +247,7 @@ class Endpoint:
 
     def __init__(self, provider: str | None = None, domain: str | None = None, node: str = "127.0.0.1",
                  service: str | int | None = None, tx_size: int = 0, rx_size: int = 0, caps: int | None = None,
-                 cq_size: int = 0, wait_fd: bool = False):
+                 cq_size: int = 0, wait_fd: bool = False, inject_size: int = 0):
         ffi, lib = _load()
         self._ffi, self._lib = ffi, lib
         self._closed = False
@@ -260,6 +260,8 @@ class Endpoint:
         self.wait_fd: int | None = None
         caps = default_caps() if caps is None else caps
         hints = _make_hints(ffi, lib, provider, domain, caps, tx_size, rx_size)
+        if inject_size:
+            hints.tx_attr.inject_size = inject_size  # a wish: the provider may grant less (read info.inject_size)
         infop = ffi.new("struct fi_info **")
         try:
             node_c = node.encode() if node else ffi.NULL
@@ -389,6 +391,13 @@ class Endpoint:
         ffi = self._ffi
         return self._post(self._lib.fi_send(self._ep, buf, length, desc or ffi.NULL, dest, ffi.cast("void *", context)),
                           "fi_send")
+
+    def post_inject(self, buf: Any, length: int, dest: int) -> bool:
+        """``fi_inject``: the buffer is reusable at once and no completion is generated.
+
+        Only for ``length <= info.inject_size`` (what the provider granted; tcp does not enforce it).
+        """
+        return self._post(self._lib.fi_inject(self._ep, buf, length, dest), "fi_inject")
 
     def post_tsend(self, buf: Any, length: int, desc: Any, dest: int, tag: int, context: int) -> bool:
         ffi = self._ffi
