@@ -150,8 +150,8 @@ class SubView:
     def init_joined_departed(self, previous: SubView | None) -> None:
         """Set ``joined``/``departed`` against the same shard in the previous view (None: all joined)."""
         before = [] if previous is None else previous.members
-        now = set(self.members)
-        self.joined = [m for m in self.members if m not in set(before)]
+        now, then = set(self.members), set(before)
+        self.joined = [m for m in self.members if m not in then]
         self.departed = [m for m in before if m not in now]
 
     # ------------------------------------------------------------ comparisons
