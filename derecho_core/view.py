@@ -353,6 +353,9 @@ class View:
             raise ValueError("not a serialized View: malformed subgroup_ids_by_type_id")
         if not all(isinstance(shards, list) for shards in shard_views):
             raise ValueError("not a serialized View: malformed subgroup_shard_views")
+        if view.subgroup_type_order and ids_by_type and len(ids_by_type) != len(view.subgroup_type_order):
+            raise ValueError(f"serialized View allocates {len(ids_by_type)} subgroup types but this node has "
+                             f"{len(view.subgroup_type_order)}")
         view.subgroup_ids_by_type_id = ids_by_type
         view.subgroup_shard_views = [[SubView._decode(s) for s in shards] for shards in shard_views]
         if sorted(i for ids in ids_by_type for i in ids) != list(range(len(view.subgroup_shard_views))):

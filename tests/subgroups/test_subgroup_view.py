@@ -172,6 +172,8 @@ def test_round_trip_keeps_every_serialized_field():
     assert w.my_subgroups == {1: 1} and w.subgroup_ids_by_type == {"A": [0], "B": [1, 2]}
     # the receiver's own id decides my_subgroups; the type order is the receiver's to give
     assert View.from_bytes(data, my_id=0).my_subgroups == {0: 0, 2: 0}
+    with pytest.raises(ValueError, match="allocates 2 subgroup types but this node has 3"):
+        View.from_bytes(data, subgroup_type_order=["A", "B", "C"])
 
 
 @pytest.mark.parametrize("data, message", [
