@@ -1,0 +1,349 @@
+"""The engine: one thread per node that owns all protocol state (DESIGN §4).
+
+It polls the transport chosen by ``[RDMA] provider``, fires the protocol's
+timers, feeds events to the pure state machines and performs the actions they
+return. Other threads talk to it only through :meth:`Engine.submit` (a queue
+plus the transport's thread-safe wake-up); the engine calls back into a
+listener (the :class:`~derecho_core.group.Group`) from its own thread, and the
+listener hands the work to its delivery thread.
+
+Every transport message starts with one byte naming the layer it is for.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+from typing import Any, Callable, Hashable, Protocol, Sequence
+
+import msgpack
+
+from . import plugins
+from .conf import Conf
+from .errors import DerechoError
+from .gms_channel import GmsChannel
+from .handshake import load_cluster_key
+from .protocol import events as ev
+from .protocol.membership import Membership
+from .transport import MessageReceived, NotConnectedError, PeerConnected, PeerFailed, Transport
+from .view import IpAndPorts, View
+
+log = logging.getLogger("derecho.viewmanager")
+
+CH_MEMBERSHIP = b"M"
+CH_BARRIER = b"B"
+#: messages waiting for a peer's connection (or room in its send queue); past this the peer is failed
+MAX_BACKLOG = 100_000
+
+
+class EngineListener(Protocol):
+    def view_installed(self, view: View) -> None: ...
+    def stopped(self, stop: ev.Stop) -> None: ...
+
+
+class GroupStoppedError(DerechoError):
+    """This node stopped being a member: ``kind`` is partition, removed, left, id_in_use or error."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+class Engine:
+    """Runs one node's protocol. ``start()`` then ``wait_for_first_view()``."""
+
+    def __init__(self, conf: Conf, *, subgroup_info: Any = None, types: Sequence[Hashable] = (),
+                 listener: EngineListener | None = None, transport: Transport | None = None) -> None:
+        self.conf = conf
+        self.node_id: int = conf.get("DERECHO/local_id")
+        ip = conf.get("DERECHO/local_ip")
+        self.address = IpAndPorts(ip, conf.get("DERECHO/gms_port"), conf.get("DERECHO/state_transfer_port"),
+                                  conf.get("DERECHO/sst_port"), conf.get("DERECHO/rdmc_port"),
+                                  conf.get("DERECHO/external_port"))
+        self.types = list(types)
+        self.listener = listener
+        allocate: Callable[[View | None, View], Any] | None = None
+        if subgroup_info is not None:
+            def allocate(prev: View | None, view: View) -> Any:
+                return subgroup_info.allocate(self.types, prev, view, raise_on_inadequate=True)
+        self.membership = Membership(
+            self.node_id, self.address, heartbeat_ms=conf.get("DERECHO/heartbeat_ms"),
+            suspicion_timeout_ms=conf.get("DERECHO/suspicion_timeout_ms"),
+            partition_safety=not conf.get("DERECHO/disable_partitioning_safety"),
+            allocate=allocate, nonce=secrets.randbits(62) or 1, subgroup_type_order=self.types)
+        if transport is None:
+            factory = plugins.transport(conf.get("RDMA/provider"))
+            transport = factory(conf, self.node_id, (ip, self.address.sst_port))
+        self.transport = transport
+        self.key = load_cluster_key(conf)
+        self._gms: GmsChannel | None = None
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._backlog: dict[int, collections.deque[bytes]] = {}
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._lock = threading.Lock()
+        self._view: View | None = None
+        self._first_view = threading.Event()
+        self._stop: ev.Stop | None = None
+        self._stopped = threading.Event()
+        self._barriers: dict[tuple[int, int], set[int]] = collections.defaultdict(set)
+        self._barrier_waiters: dict[tuple[int, int], threading.Event] = {}
+        self._barrier_round = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.transport.listen()
+        self._gms = GmsChannel(self.address.ip_address, self.address.gms_port, self._on_gms, self.key)
+        contact = (self.conf.get("DERECHO/contact_ip"), self.conf.get("DERECHO/contact_port"))
+        now = self._now()
+        if contact == (self.address.ip_address, self.address.gms_port):
+            log.info("node %d starts a new group as its leader (contact %s:%d)", self.node_id, *contact)
+            actions = self.membership.start_new_group(now)
+        else:
+            log.info("node %d joins the group through %s:%d", self.node_id, *contact)
+            actions = self.membership.start_join(contact, now)
+        self._running = True
+        self._perform(actions)
+        self._thread = threading.Thread(target=self._run, name=f"derecho-engine-{self.node_id}", daemon=True)
+        self._thread.start()
+
+    def wait_for_first_view(self, timeout: float | None = None) -> View:
+        """Block until this node is in an installed view; raises :class:`GroupStoppedError` if it stopped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._stop is not None:
+                raise GroupStoppedError(self._stop.kind, self._stop.reason)
+            if self._first_view.wait(0.05):
+                assert self._view is not None
+                return self._view
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"node {self.node_id} was not admitted to a group within {timeout} s "
+                                   "(is the contact running and reachable?)")
+
+    @property
+    def view(self) -> View | None:
+        return self._view
+
+    @property
+    def stop_reason(self) -> ev.Stop | None:
+        return self._stop
+
+    def submit(self, kind: str, payload: Any = None) -> None:
+        """Hand a request to the engine thread (thread-safe)."""
+        self._inbox.append((kind, payload))
+        self.transport.wake()
+
+    def report_failure(self, node_id: int) -> None:
+        self.submit("event", ev.ReportFailure(node_id))
+
+    def leave(self, timeout: float = 5.0) -> None:
+        if self._stop is None and self._running:
+            self.submit("event", ev.LeaveRequest())
+            self._stopped.wait(timeout)
+        self.close()
+
+    def barrier_sync(self, timeout: float | None = None) -> None:
+        """Return once every member of the current view has reached its own barrier_sync."""
+        with self._lock:
+            self._barrier_round += 1
+            n = self._barrier_round
+        done = threading.Event()
+        self.submit("barrier", (n, done))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.05):
+            if self._stop is not None:
+                raise GroupStoppedError(self._stop.kind, self._stop.reason)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("barrier_sync timed out")
+
+    def close(self) -> None:
+        self._running = False
+        self.transport.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        if self._gms is not None:
+            self._gms.close()
+        try:
+            self.transport.close()
+        except Exception:  # closing must not raise during shutdown
+            log.debug("transport close failed", exc_info=True)
+
+    # ------------------------------------------------------------------ the loop
+    @staticmethod
+    def _now() -> float:
+        return time.monotonic() * 1000.0
+
+    def _run(self) -> None:
+        try:
+            while self._running:
+                deadline = self.membership.next_deadline()
+                timeout = 0.0 if self._inbox else min(max(0.0, (deadline - self._now()) / 1000.0), 0.25)
+                for event in self.transport.poll(timeout):
+                    self._on_transport_event(event)
+                while self._inbox:
+                    kind, payload = self._inbox.popleft()
+                    self._on_request(kind, payload)
+                if self.membership.next_deadline() <= self._now():
+                    self._handle(ev.Tick())
+                self._flush_backlog()
+                if self._stop is not None:
+                    self._finish()
+                    return
+        except Exception as exc:  # a bug must stop this node loudly, not leave a silent zombie
+            log.exception("engine of node %d failed", self.node_id)
+            self._set_stop(ev.Stop("error", f"internal error in the engine: {exc!r}"))
+
+    def _finish(self) -> None:
+        # give queued messages (the leave announcement) a moment to go out
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and (
+                any(self._backlog.values()) or any(self.transport.queued(p) for p in self.transport.peers())):
+            for event in self.transport.poll(0.01):
+                if isinstance(event, PeerConnected):
+                    self._flush_backlog()
+            self._flush_backlog()
+        self._running = False
+
+    def _handle(self, event: ev.Event) -> None:
+        self._perform(self.membership.handle(event, self._now()))
+
+    def _on_transport_event(self, event: Any) -> None:
+        if isinstance(event, MessageReceived):
+            data = event.data
+            channel = bytes(data[:1])
+            if channel == CH_MEMBERSHIP:
+                self._handle(ev.Received(event.node_id, data[1:]))
+            elif channel == CH_BARRIER:
+                self._on_barrier(event.node_id, data[1:])
+            else:
+                log.warning("dropped a message from node %d on unknown channel %r", event.node_id, channel)
+        elif isinstance(event, PeerConnected):
+            log.debug("node %d connected to node %d", self.node_id, event.node_id)
+        elif isinstance(event, PeerFailed):
+            self._backlog.pop(event.node_id, None)
+            view = self._view
+            if view is not None and view.rank_of(event.node_id) >= 0:
+                self._handle(ev.PeerUnreachable(event.node_id, event.reason))
+
+    def _on_request(self, kind: str, payload: Any) -> None:
+        if kind == "event":
+            self._handle(payload)
+        elif kind == "gms":
+            self._handle(ev.ReceivedAtAddress(payload))
+        elif kind == "barrier":
+            n, done = payload
+            view = self._view
+            if view is None:
+                done.set()
+                return
+            self._barrier_waiters[(view.vid, n)] = done
+            self._barriers[(view.vid, n)].add(self.node_id)
+            msg = CH_BARRIER + msgpack.packb([view.vid, n])
+            for member in view.members:
+                if member != self.node_id:
+                    self._send(member, msg)
+            self._check_barrier(view.vid, n)
+
+    def _on_gms(self, data: bytes) -> None:
+        self.submit("gms", data)
+
+    # ------------------------------------------------------------------ barrier
+    def _on_barrier(self, sender: int, data: Any) -> None:
+        try:
+            vid, n = msgpack.unpackb(data)
+            if not isinstance(vid, int) or not isinstance(n, int):
+                raise ValueError("barrier message must be [vid, round]")
+        except Exception as exc:
+            log.warning("dropped a bad barrier message from node %d: %s", sender, exc)
+            return
+        self._barriers[(vid, n)].add(sender)
+        self._check_barrier(vid, n)
+
+    def _check_barrier(self, vid: int, n: int) -> None:
+        view = self._view
+        done = self._barrier_waiters.get((vid, n))
+        if view is None or done is None or view.vid != vid:
+            return
+        live = {m for r, m in enumerate(view.members) if r not in self.membership.failed}
+        if live <= self._barriers[(vid, n)]:
+            done.set()
+            del self._barrier_waiters[(vid, n)]
+            del self._barriers[(vid, n)]
+
+    # ------------------------------------------------------------------ actions
+    def _perform(self, actions: list[ev.Action]) -> None:
+        for action in actions:
+            if isinstance(action, ev.Send):
+                self._send(action.node_id, CH_MEMBERSHIP + action.data)
+            elif isinstance(action, ev.SendToAddress):
+                assert self._gms is not None
+                self._gms.send(action.address, action.data)
+            elif isinstance(action, ev.Connect):
+                self.transport.connect(action.node_id, action.address)
+            elif isinstance(action, ev.Disconnect):
+                self._backlog.pop(action.node_id, None)
+                self.transport.disconnect(action.node_id)
+            elif isinstance(action, ev.InstallView):
+                self._view = action.view
+                log.info("node %d installed view %d: members %s", self.node_id, action.view.vid,
+                         action.view.members)
+                self._first_view.set()
+                for key in [k for k in self._barrier_waiters if k[0] < action.view.vid]:
+                    self._barrier_waiters.pop(key).set()  # a view change ends a barrier round
+                if self.listener is not None:
+                    self.listener.view_installed(action.view)
+            elif isinstance(action, ev.WedgeView):
+                pass  # the multicast layer wedges here
+            elif isinstance(action, ev.Stop):
+                self._set_stop(action)
+            elif isinstance(action, ev.Log):
+                log.log(action.level, action.message, *action.args)
+
+    def _set_stop(self, stop: ev.Stop) -> None:
+        if self._stop is not None:
+            return
+        self._stop = stop
+        level = logging.INFO if stop.kind == "left" else logging.ERROR
+        log.log(level, "node %d stops (%s): %s", self.node_id, stop.kind, stop.reason)
+        self._stopped.set()
+        if self.listener is not None:
+            self.listener.stopped(stop)
+
+    def _send(self, node_id: int, data: bytes) -> None:
+        backlog = self._backlog.get(node_id)
+        if not backlog:
+            try:
+                if self.transport.try_send(node_id, [data]):
+                    return
+            except NotConnectedError:
+                pass
+            backlog = self._backlog.setdefault(node_id, collections.deque())
+        if len(backlog) >= MAX_BACKLOG:
+            self._backlog.pop(node_id, None)
+            log.error("node %d: %d messages wait for node %d; treating it as failed", self.node_id,
+                      MAX_BACKLOG, node_id)
+            self._handle(ev.PeerUnreachable(node_id, "send backlog overflow"))
+            return
+        backlog.append(data)
+
+    def _flush_backlog(self) -> None:
+        if not self._backlog:
+            return
+        peers = self.transport.peers()
+        for node_id in list(self._backlog):
+            backlog = self._backlog[node_id]
+            if node_id not in peers:
+                continue
+            while backlog:
+                try:
+                    if not self.transport.try_send(node_id, [backlog[0]]):
+                        break
+                except NotConnectedError:
+                    break
+                backlog.popleft()
+            if not backlog:
+                del self._backlog[node_id]

@@ -1,0 +1,138 @@
+"""The GMS channel: short TCP exchanges on ``gms_port`` for join traffic.
+
+Joiners are not members yet, so they have no transport connection: like
+Derecho's ``gms_listener``, a node accepts join requests (and sends redirects,
+refusals and welcomes) over plain TCP, one length-prefixed frame per
+connection. With a cluster key every frame carries an HMAC-SHA256 of its
+payload, so a process without the key cannot ask to join.
+
+One background thread accepts and reads; another sends (connect, write,
+close), so neither ever blocks the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import queue
+import socket
+import struct
+import threading
+from typing import Callable
+
+log = logging.getLogger("derecho.viewmanager")
+
+HEADER = struct.Struct("<4sI")
+MAGIC = b"DGMS"
+MAX_FRAME = 16 << 20
+MAC_LEN = 32
+CONNECT_TIMEOUT = 1.0
+READ_TIMEOUT = 5.0
+
+
+class GmsChannel:
+    def __init__(self, host: str, port: int, on_message: Callable[[bytes], None], key: bytes | None = None):
+        self.host = host
+        self.port = port
+        self.on_message = on_message
+        self.key = key
+        self._out: queue.Queue[tuple[tuple[str, int], bytes] | None] = queue.Queue(maxsize=10_000)
+        self._closing = threading.Event()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._listener.bind((host, port))
+        except OSError as exc:
+            self._listener.close()
+            raise OSError(exc.errno, f"cannot listen on GMS port {host}:{port} ({exc.strerror}); "
+                          "another process may use it: pick another DERECHO/gms_port") from None
+        self._listener.listen(64)
+        self._listener.settimeout(0.2)
+        self._threads = [threading.Thread(target=self._accept_loop, name=f"gms_listener-{port}", daemon=True),
+                         threading.Thread(target=self._send_loop, name=f"gms_sender-{port}", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # ----------------------------------------------------------------- sending
+    def send(self, address: tuple[str, int], data: bytes) -> None:
+        try:
+            self._out.put_nowait((address, data))
+        except queue.Full:
+            log.warning("GMS send queue full; dropping a message to %s:%d (the peer will retry)", *address)
+
+    def _frame(self, data: bytes) -> bytes:
+        mac = hmac.new(self.key, data, hashlib.sha256).digest() if self.key else b""
+        return HEADER.pack(MAGIC, len(data) + len(mac)) + data + mac
+
+    def _send_loop(self) -> None:
+        while not self._closing.is_set():
+            item = self._out.get()
+            if item is None:
+                return
+            address, data = item
+            try:
+                with socket.create_connection(address, timeout=CONNECT_TIMEOUT) as s:
+                    s.sendall(self._frame(data))
+                    s.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                log.debug("GMS message to %s:%d not delivered: %s", address[0], address[1], exc)
+
+    # ----------------------------------------------------------------- receiving
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._read_one, args=(conn, peer), daemon=True,
+                             name=f"gms_reader-{self.port}").start()
+
+    def _read_one(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        with conn:
+            conn.settimeout(READ_TIMEOUT)
+            try:
+                header = _recv_exact(conn, HEADER.size)
+                magic, length = HEADER.unpack(header)
+                if magic != MAGIC:
+                    log.warning("GMS port: connection from %s:%d sent no GMS frame; closed", *peer)
+                    return
+                if length > MAX_FRAME:
+                    log.warning("GMS port: %s:%d announced a %d-byte frame (limit %d); closed",
+                                peer[0], peer[1], length, MAX_FRAME)
+                    return
+                body = _recv_exact(conn, length)
+            except (OSError, EOFError) as exc:
+                log.debug("GMS port: incomplete frame from %s:%d: %s", peer[0], peer[1], exc)
+                return
+        if self.key:
+            data, mac = body[:-MAC_LEN], body[-MAC_LEN:]
+            if len(body) < MAC_LEN or not hmac.compare_digest(
+                    mac, hmac.new(self.key, data, hashlib.sha256).digest()):
+                log.warning("GMS port: message from %s:%d failed the cluster-key check; dropped", *peer)
+                return
+        else:
+            data = body
+        self.on_message(data)
+
+    def close(self) -> None:
+        self._closing.set()
+        try:
+            self._out.put_nowait(None)
+        except queue.Full:
+            pass
+        self._listener.close()
+        for t in self._threads:
+            t.join(timeout=2)
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
