@@ -44,10 +44,11 @@ import mmap
 import os
 import struct
 import time
-import zlib
 from array import array
 from pathlib import Path
 from typing import Any, Iterator
+
+from google_crc32c import value as _crc
 
 from derecho_core.storage import (
     HLC,
@@ -72,6 +73,8 @@ log = logging.getLogger("derecho.persistence")
 
 DATA_MAGIC = b"DRCHDAT1"
 IDX_MAGIC = b"DRCHIDX1"
+#: the rest of each file header names the checksum: CRC-32C (Castagnoli), done in hardware by google-crc32c
+CHECKSUM_TAG = b"crc32c\0\0"
 FILE_HDR = 16
 ENTRY_MAGIC = b"DRE1"
 _H40 = struct.Struct("<4sIQqqq")  # magic, payload crc, length, version, hlc_us, hlc_logic
@@ -89,22 +92,44 @@ DIRECT_WRITE = 64 * 1024
 WRITE_BUFFER = 1 << 20
 _VERIFY_CHUNK = 8 << 20
 
-_crc32 = zlib.crc32
+
+
+def _crc_any(data: bytes | bytearray | memoryview) -> int:
+    try:
+        return _crc(data)
+    except TypeError:  # google-crc32c takes read-only buffers only
+        return _crc(bytes(data))
 
 
 def encode_header(version: int, ts: HLC, payload: bytes | bytearray | memoryview) -> bytes:
-    h40 = _H40.pack(ENTRY_MAGIC, _crc32(payload), len(payload), version, ts.rtc_us, ts.logic)
-    return h40 + _HCRC.pack(_crc32(h40))
+    h40 = _H40.pack(ENTRY_MAGIC, _crc_any(payload), len(payload), version, ts.rtc_us, ts.logic)
+    return h40 + _HCRC.pack(_crc(h40))
 
 
-def _check_header(buf: Any, at: int) -> tuple[int, int, int, int, int] | str:
-    """``(payload crc, length, version, us, logic)`` of the header at ``buf[at:]``, or why it is bad."""
-    magic, pcrc, length, version, us, logic, hcrc = _HDR_FULL.unpack_from(buf, at)
+def _check_header(view: Any) -> tuple[int, int, int, int, int] | str:
+    """``(payload crc, length, version, us, logic)`` of the 48-byte header in ``view``, or why it is bad."""
+    magic, pcrc, length, version, us, logic, hcrc = _HDR_FULL.unpack_from(view)
     if magic != ENTRY_MAGIC:
         return f"bad entry magic {bytes(magic)!r}"
-    if _crc32(memoryview(buf)[at:at + _H40.size]) != hcrc:
+    if _crc(view[:_H40.size]) != hcrc:
         return "entry header fails its checksum"
     return pcrc, length, version, us, logic
+
+
+class _Reader:
+    """Sequential reads through a large window (google-crc32c takes ``bytes``, not memoryviews, so slices copy)."""
+
+    def __init__(self, fd: int, size: int, window: int = 8 << 20):
+        self._fd, self.size, self._window = fd, size, window
+        self._start = 0
+        self._buf = b""
+
+    def view(self, off: int, n: int) -> bytes:
+        """Bytes ``[off, off + n)``; the caller checked they are inside the file."""
+        if off < self._start or off + n > self._start + len(self._buf):
+            self._buf = os.pread(self._fd, max(n, self._window), off)
+            self._start = off
+        return self._buf[off - self._start:off - self._start + n]
 
 
 # ----------------------------------------------------------------------------- hole punching
@@ -271,12 +296,15 @@ class FileLogStore(LogStore):
                 raise LogCorruptionError(path, 0, f"file is {size} bytes, shorter than its header")
             # new file, or one torn while being created: nothing can have been stored in it yet
             os.ftruncate(fd, 0)
-            os.pwrite(fd, magic + bytes(FILE_HDR - len(magic)), 0)
+            os.pwrite(fd, magic + CHECKSUM_TAG, 0)
             os.fsync(fd)
             return True
-        got = os.pread(fd, len(magic), 0)
-        if got != magic:
-            raise LogCorruptionError(path, 0, f"not a derecho log file (magic {got!r}, expected {magic!r})")
+        got = os.pread(fd, FILE_HDR, 0)
+        if got[:len(magic)] != magic:
+            raise LogCorruptionError(path, 0, f"not a derecho log file (magic {got[:len(magic)]!r}, expected {magic!r})")
+        if got[len(magic):] != CHECKSUM_TAG:
+            raise StorageError(f"{path}: written with checksum {got[len(magic):].rstrip(bytes(1))!r}; this version "
+                               f"reads {CHECKSUM_TAG.rstrip(bytes(1))!r} only")
         return False
 
     def _load_index(self, head: int, head_offset: int) -> int:
@@ -295,11 +323,10 @@ class FileLogStore(LogStore):
         expect_off = head_offset
         last_version = self._floor
         count = 0
-        mv = memoryview(raw)
         for i in range(len(raw) // REC):
             at = i * REC
             version, us, lg, off, length, crc = _REC_FULL.unpack_from(raw, at)
-            if crc != _crc32(mv[at:at + _R40.size]) or off != expect_off or version <= last_version:
+            if crc != _crc(raw[at:at + _R40.size]) or off != expect_off or version <= last_version:
                 if at + REC <= len(raw) and any(raw[at:at + REC]):
                     log.warning("%s: index record %d at offset %d is damaged or stale; rebuilding the index "
                                 "from the data file from there", self.idx_path, head + i, start + at)
@@ -330,18 +357,18 @@ class FileLogStore(LogStore):
         lengths = array("q", (self._off[i + 1] - self._off[i] - HDR for i in range(n - 1)))
         lengths.append(self._indexed_end - self._off[-1] - HDR)
         first_bad: tuple[int, str] | None = None
-        with _Mapped(self._dfd, size) as buf:
-            for pos in range(n):
-                off, length = self._off[pos], lengths[pos]
-                why = self._entry_problem(buf, size, off, length, pos)
-                if why is None:
-                    if first_bad is not None:
-                        bad_pos, bad_why = first_bad
-                        raise LogCorruptionError(self.data_path, self._off[bad_pos],
-                                                 f"entry {self._idx.head + bad_pos} "
-                                                 f"(version {self._idx.versions[bad_pos]}): {bad_why}")
-                elif first_bad is None:
-                    first_bad = (pos, why)
+        reader = _Reader(self._dfd, size)
+        for pos in range(n):
+            off, length = self._off[pos], lengths[pos]
+            why = self._entry_problem(reader, off, length, pos)
+            if why is None:
+                if first_bad is not None:
+                    bad_pos, bad_why = first_bad
+                    raise LogCorruptionError(self.data_path, self._off[bad_pos],
+                                             f"entry {self._idx.head + bad_pos} "
+                                             f"(version {self._idx.versions[bad_pos]}): {bad_why}")
+            elif first_bad is None:
+                first_bad = (pos, why)
         if first_bad is None:
             return self._off[-1] + HDR + lengths[-1]
         bad_pos, why = first_bad
@@ -351,16 +378,16 @@ class FileLogStore(LogStore):
         del self._off[bad_pos:]
         return cut_off
 
-    def _entry_problem(self, buf: Any, size: int, off: int, length: int, pos: int) -> str | None:
-        if off + HDR + length > size:
-            return f"missing: the file ends at {size}, before the entry's end {off + HDR + length}"
-        hdr = _check_header(buf, off)
+    def _entry_problem(self, reader: _Reader, off: int, length: int, pos: int) -> str | None:
+        if off + HDR + length > reader.size:
+            return f"missing: the file ends at {reader.size}, before the entry's end {off + HDR + length}"
+        hdr = _check_header(reader.view(off, HDR))
         if isinstance(hdr, str):
             return hdr
         pcrc, hlen, version, us, lg = hdr
         if (hlen, version, us, lg) != (length, self._idx.versions[pos], self._idx.rtc[pos], self._idx.logic[pos]):
             return "entry header disagrees with its index record"
-        if _crc32(memoryview(buf)[off + HDR:off + HDR + length]) != pcrc:
+        if _crc(reader.view(off + HDR, length)) != pcrc:
             return "payload fails its checksum"
         return None
 
@@ -372,32 +399,32 @@ class FileLogStore(LogStore):
         off = start
         last = self._idx.versions[-1] if len(self._idx) else self._floor
         why = ""
-        with _Mapped(self._dfd, size) as buf:
-            while True:
-                if off == size:
-                    break
-                if off + HDR > size:
-                    why = f"{size - off} bytes, shorter than an entry header"
-                    break
-                hdr = _check_header(buf, off)
-                if isinstance(hdr, str):
-                    why = hdr
-                    break
-                pcrc, length, version, us, lg = hdr
-                if version <= last:
-                    why = f"version {version} does not follow {last}"
-                    break
-                if off + HDR + length > size:
-                    why = f"entry of {length} bytes runs past the end of the file"
-                    break
-                if _crc32(memoryview(buf)[off + HDR:off + HDR + length]) != pcrc:
-                    why = "payload fails its checksum"
-                    break
-                self._idx.add(version, HLC(us, lg))
-                self._off.append(off)
-                self.recovery["recovered_from_data"] += 1
-                last = version
-                off += HDR + length
+        reader = _Reader(self._dfd, size)
+        while True:
+            if off == size:
+                break
+            if off + HDR > size:
+                why = f"{size - off} bytes, shorter than an entry header"
+                break
+            hdr = _check_header(reader.view(off, HDR))
+            if isinstance(hdr, str):
+                why = hdr
+                break
+            pcrc, length, version, us, lg = hdr
+            if version <= last:
+                why = f"version {version} does not follow {last}"
+                break
+            if off + HDR + length > size:
+                why = f"entry of {length} bytes runs past the end of the file"
+                break
+            if _crc(reader.view(off + HDR, length)) != pcrc:
+                why = "payload fails its checksum"
+                break
+            self._idx.add(version, HLC(us, lg))
+            self._off.append(off)
+            self.recovery["recovered_from_data"] += 1
+            last = version
+            off += HDR + length
         if off < size:
             self._cut_warning(off, None, why, size - off)
         return off
@@ -420,37 +447,51 @@ class FileLogStore(LogStore):
             raise StorageError(f"log {self.name!r} is open read-only")
 
     def append(self, version: int, timestamp: HLC | int, data: bytes | bytearray | memoryview) -> int:
-        self._check_writable()
+        # the hot path: plain local operations, no helper calls beyond packing and checksums
+        if self._closed or self.readonly:
+            self._check_writable()
         idx = self._idx
-        latest = idx.versions[-1] if idx.versions else self._floor
-        if version <= latest:
-            check_append(latest, version, self.name)
+        versions = idx.versions
+        if version <= (versions[-1] if versions else self._floor):
+            check_append(versions[-1] if versions else self._floor, version, self.name)
         ts = timestamp if type(timestamp) is HLC else HLC.coerce(timestamp)
+        us, lg = ts
         n = len(data)
-        if self._max_entries is not None and len(idx) >= self._max_entries:
+        if self._max_entries is not None and len(versions) >= self._max_entries:
             raise LogFullError(f"log {self.name!r} holds max_log_entry={self._max_entries} entries; trim it")
-        if self._max_bytes is not None and self._end + HDR + n - self._head_offset > self._max_bytes:
-            raise LogFullError(f"log {self.name!r} would exceed max_data_size={self._max_bytes} bytes; trim it")
-        h40 = _H40.pack(ENTRY_MAGIC, _crc32(data), n, version, ts.rtc_us, ts.logic)
         off = self._end
+        if self._max_bytes is not None and off + HDR + n - self._head_offset > self._max_bytes:
+            raise LogFullError(f"log {self.name!r} would exceed max_data_size={self._max_bytes} bytes; trim it")
+        try:
+            pcrc = _crc(data)
+        except TypeError:
+            data = bytes(data)
+            pcrc = _crc(data)
+        h40 = _H40.pack(ENTRY_MAGIC, pcrc, n, version, us, lg)
         try:
             if n >= DIRECT_WRITE:
                 self._flush_pending()
-                self._write_all([h40 + _HCRC.pack(_crc32(h40)), data], off)
+                self._write_all([h40 + _HCRC.pack(_crc(h40)), data], off)
                 self._written = off + HDR + n
             else:
                 pending = self._pending
                 pending += h40
-                pending += _HCRC.pack(_crc32(h40))
+                pending += _HCRC.pack(_crc(h40))
                 pending += data
                 if len(pending) >= WRITE_BUFFER:
                     self._flush_pending()
         except OSError as exc:
             self._failed_write(exc, "append")
         self._end = off + HDR + n
-        idx.add(version, ts)
+        rtc, logic = idx.rtc, idx.logic
+        if rtc and (us < rtc[-1] or (us == rtc[-1] and lg < logic[-1])):
+            idx.time_sorted = False
+        idx._perm = None
+        versions.append(version)
+        rtc.append(us)
+        logic.append(lg)
         self._off.append(off)
-        return idx.tail - 1
+        return idx.head + len(versions) - 1
 
     def _write_all(self, bufs: list[Any], offset: int) -> None:
         views = [memoryview(b).cast("B") for b in bufs]
@@ -521,7 +562,7 @@ class FileLogStore(LogStore):
             r40 = _R40.pack(idx.versions[i], idx.rtc[i], idx.logic[i], off,
                             (offs[i + 1] if i + 1 < len(offs) else self._end) - off - HDR)
             out += r40
-            out += _RCRC.pack(_crc32(r40))
+            out += _RCRC.pack(_crc(r40))
         try:
             os.pwrite(self._ifd, out, FILE_HDR + start * REC)
         except OSError as exc:
@@ -607,12 +648,12 @@ class FileLogStore(LogStore):
         buf = os.pread(self._dfd, end - off, off)
         if len(buf) < HDR:
             raise LogCorruptionError(self.data_path, off, "entry missing (file shorter than the index says)")
-        hdr = _check_header(buf, 0)
+        hdr = _check_header(buf[:HDR])
         if isinstance(hdr, str):
             raise LogCorruptionError(self.data_path, off, hdr)
         pcrc, length, version, us, lg = hdr
         payload = buf[HDR:]
-        if length != len(payload) or _crc32(payload) != pcrc:
+        if length != len(payload) or _crc(payload) != pcrc:
             raise LogCorruptionError(self.data_path, off, "payload fails its checksum (changed since open)")
         return LogEntry(self._idx.head + pos, version, HLC(us, lg), payload)
 
@@ -669,27 +710,6 @@ class FileLogStore(LogStore):
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self)} entries"
         return f"<FileLogStore {self.name!r} in {self.directory} {state}>"
-
-
-class _Mapped:
-    """A read-only mmap of the first ``size`` bytes of ``fd`` (or ``b""`` when empty), as a context manager."""
-
-    def __init__(self, fd: int, size: int):
-        self._fd, self._size = fd, size
-        self._map: mmap.mmap | None = None
-
-    def __enter__(self) -> Any:
-        if self._size == 0:
-            return b""
-        self._map = mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ)
-        return self._map
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a memoryview slice still alive; the GC closes it
-                pass
 
 
 def list_logs(directory: str | os.PathLike[str]) -> list[str]:
