@@ -8,7 +8,6 @@ from derecho_allocators import (
     CrossProductPolicy,
     DefaultSubgroupAllocator,
     LayoutError,
-    ShardAllocationPolicy,
     SubgroupAllocationPolicy,
     custom_shard_policy,
     custom_shards_policy,
@@ -21,7 +20,7 @@ from derecho_allocators import (
     one_subgroup_policy,
     raw_fixed_even_shards,
 )
-from subgroup_helpers import first_view, layout, r
+from subgroup_helpers import first_view, layout
 
 from derecho_core import Conf, ConfigError, Mode, SubgroupInfo, View, make_next_view
 
@@ -267,8 +266,3 @@ def test_first_view_starting_past_rank_zero():
     SubgroupInfo(DefaultSubgroupAllocator({Foo: one_subgroup_policy(fixed_even_shards(1, 3))})).allocate(
         [Foo], None, view)
     assert layout(view, Foo) == [[[2, 3, 4]]] and view.next_unassigned_rank == 5
-
-
-def test_shard_sizes_policy_unit():
-    assert ShardAllocationPolicy(2, True, 1, 3).max_size(1) == 3
-    assert r(1, 3) == [1, 2, 3]
