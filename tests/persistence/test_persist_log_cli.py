@@ -65,7 +65,7 @@ def test_show_versions_and_values(logdir, capsys):
 
 def test_show_hex_when_the_type_cannot_be_imported(conf, capsys):
     reg = PersistentRegistry("X-0-0", conf)
-    f = Persistent(Opaque, reg, "o")
+    Persistent(Opaque, reg, "o")
     reg.make_version(1, T0)
     reg.close()
     path = conf.get("PERS/file_path")
