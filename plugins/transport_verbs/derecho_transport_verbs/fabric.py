@@ -266,7 +266,7 @@ class Endpoint:
         try:
             node_c = node.encode() if node else ffi.NULL
             service_c = str(service).encode() if service is not None else ffi.NULL
-            ret = lib.fi_getinfo(lib.drc_fi_version(), node_c, service_c, lib.FI_SOURCE, hints, infop)
+            ret = lib.fi_getinfo(lib.drc_fi_version(), node_c, service_c, lib.FI_SOURCE if node else 0, hints, infop)
             if ret < 0:
                 raise FabricError(-ret, f"fi_getinfo(provider={provider!r}, domain={domain!r}, node={node!r})",
                                   "no such provider/domain here; `fi_info -l` lists what libfabric offers"
@@ -403,6 +403,12 @@ class Endpoint:
         ffi = self._ffi
         return self._post(self._lib.fi_tsend(self._ep, buf, length, desc or ffi.NULL, dest, tag,
                                              ffi.cast("void *", context)), "fi_tsend")
+
+    def post_tsendv(self, iov: Any, count: int, dest: int, tag: int, context: int) -> bool:
+        """Gather send of ``count`` ``struct iovec`` (no local descriptors: not for FI_MR_LOCAL)."""
+        ffi = self._ffi
+        return self._post(self._lib.fi_tsendv(self._ep, iov, ffi.NULL, count, dest, tag,
+                                              ffi.cast("void *", context)), "fi_tsendv")
 
     def post_recv(self, buf: Any, length: int, desc: Any, context: Any, src: int | None = None) -> bool:
         """``context``: an int, or a ``void *`` made once with :meth:`context_ptr` (faster)."""

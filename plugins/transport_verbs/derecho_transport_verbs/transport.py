@@ -178,6 +178,8 @@ class VerbsTransport(Transport):
                 node, fi_domain = domain, None
             except ValueError:
                 pass
+        if provider == "shm":  # shm names its endpoints itself (per process); an address would collide
+            node = None
         self._fi_node = node
         try:
             self.ep = fab.Endpoint(provider, fi_domain, node=node, tx_size=0, rx_size=0,
@@ -684,14 +686,26 @@ class VerbsTransport(Transport):
                 op.slot = (buf, cbuf, mr)
                 self._post_or_queue(c, op, ("send", cbuf, HDR.size, mr.desc if mr else None), count=False)
                 tag = (c.peer_epoch << 32) | seq
-                data = views[0] if len(views) == 1 else b"".join(views)
-                cdata = self._ffi.from_buffer(data)
-                dop = _Op(c, "send", (data, cdata), size)
-                tmp_mr = None
-                if self.ep.needs_local_mr:
-                    tmp_mr = self.ep.register(data if not isinstance(data, bytes) else bytearray(data))
-                    dop.mr = tmp_mr
-                self._post_or_queue(c, dop, ("tsend", cdata, size, tmp_mr.desc if tmp_mr else None, tag))
+                parts = [v for v in views if len(v)]
+                ffi = self._ffi
+                if self.ep.needs_local_mr:  # one registered copy
+                    data = bytearray(b"".join(parts))
+                    cdata = ffi.from_buffer(data)
+                    dop = _Op(c, "send", (data, cdata), size)
+                    dop.mr = self.ep.register(data)
+                    self._post_or_queue(c, dop, ("tsend", cdata, size, dop.mr.desc, tag))
+                elif len(parts) == 1 or len(parts) > self.ep.info.iov_limit:
+                    data = parts[0] if len(parts) == 1 else b"".join(parts)
+                    cdata = ffi.from_buffer(data)
+                    self._post_or_queue(c, _Op(c, "send", (data, cdata), size), ("tsend", cdata, size, None, tag))
+                else:  # gather straight from the caller's buffers: no copy
+                    cbufs = [ffi.from_buffer(v) for v in parts]
+                    iov = ffi.new("struct iovec[]", len(parts))
+                    for i, cb in enumerate(cbufs):
+                        iov[i].iov_base = cb
+                        iov[i].iov_len = len(cb)
+                    self._post_or_queue(c, _Op(c, "send", (parts, cbufs, iov), size),
+                                        ("tsendv", iov, len(parts), None, tag))
             return True
 
     def _post_or_queue(self, c: _Conn, op: _Op, post: tuple, count: bool = True) -> None:
@@ -706,6 +720,8 @@ class VerbsTransport(Transport):
         kind = post[0]
         if kind == "send":
             ok = self.ep.post_send(post[1], post[2], post[3], c.fi_addr, ctx)
+        elif kind == "tsendv":
+            ok = self.ep.post_tsendv(post[1], post[2], c.fi_addr, post[4], ctx)
         elif kind == "tsend":
             ok = self.ep.post_tsend(post[1], post[2], post[3], c.fi_addr, post[4], ctx)
         else:  # "write"
