@@ -1,8 +1,8 @@
-"""Provider ``sockets``: the transport contract over non-blocking TCP sockets and ``selectors``.
+"""Provider ``sockets``: the transport contract over non-blocking TCP sockets and epoll.
 
 Design (see ``docs/transports.md``):
 
-* one ``selectors.DefaultSelector`` (epoll) holds the listening socket, every
+* one ``select.epoll`` (level-triggered) holds the listening socket, every
   connection and a wake-up socketpair; :meth:`SocketsTransport.poll` drives it
   in the calling (engine) thread: no helper threads;
 * frames are ``length (u32) | kind (u8)`` then the payload; kind DATA or BYE;
@@ -26,10 +26,11 @@ import fcntl
 import ipaddress
 import itertools
 import logging
+import mmap
 import select
-import selectors
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Any, Sequence
@@ -70,10 +71,16 @@ LARGE = 64 * 1024               # messages at least this big get their own buffe
 FLUSH_BYTES = 256 * 1024        # a corked queue past this is written at once
 IOV_MAX = 1024
 BIG_READ_CAP = 16 * 1024 * 1024  # bytes read per readiness event (fairness between peers)
-TIMER_TICK = 0.05
+POOL_MIN = 256 * 1024          # large receive buffers from this size are recycled ...
+POOL_MAX_BYTES = 160 * 1024 * 1024  # ... up to this many bytes kept for reuse (per transport)
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+BATCH_BYTES = 4 * 1024 * 1024  # one sendmsg takes queued buffers up to about this many bytes
 
-_R = selectors.EVENT_READ
-_W = selectors.EVENT_WRITE
+_R = select.EPOLLIN
+_W = select.EPOLLOUT
+_RERR = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_WERR = select.EPOLLOUT | select.EPOLLERR
+MAX_WAIT = 0.25  # an idle poll still looks at its timers this often
 
 
 def _resolve_domain(domain: str) -> str:
@@ -123,7 +130,7 @@ class _Conn:
         self.big: bytearray | None = None
         self.big_mv: memoryview | None = None
         self.big_got = 0
-        self.iov: collections.deque[memoryview] = collections.deque()
+        self.iov: collections.deque[Any] = collections.deque()  # bytes-like, len() == byte count
         self.msg_ends: collections.deque[int] = collections.deque()
         self.queued_total = 0
         self.sent_total = 0
@@ -188,12 +195,15 @@ class SocketsTransport(Transport):
         self._address: Address = (host, int(port))
         self._lock = threading.RLock()
         self._progress_lock = threading.Lock()
-        self._sel = selectors.DefaultSelector()
+        self._ep = select.epoll()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._sel.register(self._wake_r, _R, None)
+        self._wake_fd = self._wake_r.fileno()
+        self._ep.register(self._wake_fd, _R)
         self._listener: socket.socket | None = None
+        self._listen_fd = -1
+        self._next_timer = 0.0
         self._conns: dict[int, _Conn] = {}          # fd -> every live connection
         self._peers: dict[int, _Conn] = {}          # node id -> established connection
         self._accepting: dict[int, _Conn] = {}      # node id -> incoming connection past its HELLO
@@ -203,6 +213,7 @@ class SocketsTransport(Transport):
         self._in_select = False
         self._busy_until = 0.0
         self._closed = False
+        self._pool: list[bytearray] = []
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -220,7 +231,8 @@ class SocketsTransport(Transport):
                 s.setblocking(False)
                 self._listener = s
                 self._address = s.getsockname()[:2]
-                self._sel.register(s, _R, "listen")
+                self._listen_fd = s.fileno()
+                self._ep.register(self._listen_fd, _R)
             return self._address
 
     def close(self) -> None:
@@ -233,20 +245,16 @@ class SocketsTransport(Transport):
             for conn in list(self._conns.values()):
                 self._drop(conn)
             if self._listener is not None:
-                self._unregister(self._listener)
+                self._unregister(self._listen_fd)
                 self._listener.close()
             self._dials.clear()
             self._events.clear()
             self._wake()
         # the poller may still be in select: close the selector once it left
         with self._progress_lock:
+            self._ep.close()
             for s in (self._wake_r, self._wake_w):
-                try:
-                    self._sel.unregister(s)
-                except (KeyError, ValueError):
-                    pass
                 s.close()
-            self._sel.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -289,6 +297,7 @@ class SocketsTransport(Transport):
         now = time.monotonic()
         if retry and now + dial.backoff < dial.deadline:
             dial.retry_at = now + dial.backoff
+            self._arm(dial.retry_at)
             dial.backoff = min(dial.backoff * 2, 0.25)
             return
         del self._dials[dial.node_id]
@@ -317,25 +326,37 @@ class SocketsTransport(Transport):
 
     # ------------------------------------------------------------------ sending
     def try_send(self, node_id: int, buffers: Sequence[Any]) -> bool:
-        views = [memoryview(b).cast("B") if not isinstance(b, bytes) else memoryview(b) for b in buffers]
-        size = sum(v.nbytes for v in views)
+        parts = []
+        size = 0
+        for b in buffers:
+            if type(b) is not bytes and type(b) is not bytearray:
+                b = memoryview(b).cast("B")
+            n = len(b)
+            if n:
+                parts.append(b)
+                size += n
         if size > self.max_message_size:
             raise ValueError(f"message of {size} bytes exceeds max_message_size {self.max_message_size}")
         with self._lock:
-            self._check_open()
             conn = self._peers.get(node_id)
             if conn is None:
+                self._check_open()
                 raise NotConnectedError(f"node {node_id} is not connected", node_id=node_id)
-            q = conn.qbytes
-            if conn.msgs >= self.tx_depth or (q > 0 and q + size > self.max_queued_bytes):
+            q = conn.queued_total - conn.sent_total
+            if len(conn.msg_ends) >= self.tx_depth or (q and q + size > self.max_queued_bytes):
                 return False
-            if q == 0:
-                conn.last_progress = time.monotonic()
-            conn.iov.append(memoryview(FRAME.pack(size, K_DATA)))
-            conn.iov.extend(v for v in views if v.nbytes)
+            if not q:
+                conn.last_progress = now = time.monotonic()
+                if now + self.timeout_s < self._next_timer:
+                    self._next_timer = now + self.timeout_s + 0.001
+            iov = conn.iov
+            iov.append(FRAME.pack(size, K_DATA))
+            iov.extend(parts)
             conn.queued_total += FRAME.size + size
             conn.msg_ends.append(conn.queued_total)
-            if self._in_select or conn.qbytes >= FLUSH_BYTES:
+            if conn.mask & _W:
+                pass  # the socket is full; poll writes when it drains
+            elif self._in_select or q + size >= FLUSH_BYTES:
                 self._flush(conn)
             else:
                 self._dirty.add(conn)
@@ -368,28 +389,29 @@ class SocketsTransport(Transport):
 
     # ------------------------------------------------------------------ poll
     def poll(self, timeout: float | None = 0.0) -> list[Event]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._check_open()
+        if self._closed:
+            raise TransportClosedError("transport is closed")
+        monotonic = time.monotonic
+        deadline = None if timeout is None else monotonic() + timeout
         with self._progress_lock:
             self._woken = False
             while True:
-                with self._lock:
-                    if self._closed:
-                        return []
-                    if self._events:
-                        return self._take_events()
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    self._step(0.0)
+                if self._events:
                     with self._lock:
                         return self._take_events()
-                self._step(None if deadline is None else deadline - now)
-                with self._lock:
-                    if self._events:
+                if deadline is None:
+                    wait = None
+                else:
+                    wait = deadline - monotonic()
+                    if wait < 0:
+                        wait = 0.0
+                self._step(wait)
+                if self._events:
+                    with self._lock:
                         return self._take_events()
-                    if self._woken:
-                        self._woken = False
-                        return []
+                if self._woken or self._closed or wait == 0.0:
+                    self._woken = False
+                    return []
 
     _woken = False
 
@@ -399,23 +421,28 @@ class SocketsTransport(Transport):
         return ev
 
     def _step(self, wait: float | None, read: bool = True) -> None:
-        """One round: flush corked queues, timers, one select, handle what is ready."""
+        """One round: flush corked queues, timers when due, one epoll wait, handle what is ready."""
         with self._lock:
             if self._closed:
                 return
-            for conn in list(self._dirty):
-                self._flush(conn)
-            self._dirty.clear()
+            if self._dirty:
+                for conn in list(self._dirty):
+                    self._flush(conn)
+                self._dirty.clear()
             now = time.monotonic()
-            if self._timers(now) and (wait is None or wait > TIMER_TICK):
-                wait = TIMER_TICK
-            if self._events:
+            if now >= self._next_timer:
+                self._next_timer = self._timers(now)
+            if self._events or now < self._busy_until:
                 wait = 0.0
-            if now < self._busy_until:
-                wait = 0.0
+            else:
+                cap = min(MAX_WAIT, max(0.0, self._next_timer - now))
+                if wait is None or wait > cap:
+                    wait = cap
             self._in_select = True
         try:
-            ready = self._sel.select(wait)
+            ready = self._ep.poll(wait)
+        except OSError:
+            ready = []
         finally:
             self._in_select = False
         if not ready:
@@ -423,18 +450,17 @@ class SocketsTransport(Transport):
         with self._lock:
             if self._closed:
                 return
-            self._busy_until = time.monotonic() + self.busy_wait_s
-            for key, mask in ready:
-                data = key.data
-                if data is None:
-                    self._drain_wake()
-                elif data == "listen":
-                    self._accept()
-                else:
-                    conn = self._conns.get(key.fd)
-                    if conn is None or conn.sock is not key.fileobj:
-                        continue
+            if self.busy_wait_s:
+                self._busy_until = time.monotonic() + self.busy_wait_s
+            conns = self._conns
+            for fd, mask in ready:
+                conn = conns.get(fd)
+                if conn is not None:
                     self._io(conn, mask, read)
+                elif fd == self._wake_fd:
+                    self._drain_wake()
+                elif fd == self._listen_fd:
+                    self._accept()
 
     def wake(self) -> None:
         if not self._closed:
@@ -455,27 +481,34 @@ class SocketsTransport(Transport):
         self._woken = True
 
     # ------------------------------------------------------------------ timers
-    def _timers(self, now: float) -> bool:
-        """Deadlines: dial retries, handshakes, stalled queues. True if any timer is pending."""
-        pending = False
+    def _arm(self, when: float) -> None:
+        if when < self._next_timer:
+            self._next_timer = when
+
+    def _timers(self, now: float) -> float:
+        """Deadlines: dial retries, handshakes, stalled queues. Returns when to look again."""
+        due = now + MAX_WAIT
         for dial in list(self._dials.values()):
             if dial.conn is None:
-                pending = True
                 if now >= dial.retry_at:
                     self._start_dial(dial)
+                else:
+                    due = min(due, dial.retry_at)
         for conn in list(self._conns.values()):
             if conn.state in ("connecting", "handshake"):
-                pending = True
                 if now >= conn.deadline:
                     self._handshake_failed(conn, HandshakeError(
                         f"no handshake within {self.timeout_s * 1000:.0f} ms"), log_level=logging.WARNING)
+                else:
+                    due = min(due, conn.deadline)
             elif conn.state == "open" and conn.iov:
-                pending = True
                 if now - conn.last_progress > self.timeout_s:
                     log.warning("node %d: %s: no send progress for %.0f ms, reporting it failed",
                                 self.node_id, conn.label(), self.timeout_s * 1000)
                     self._fail(conn, f"send made no progress for {self.timeout_s * 1000:.0f} ms")
-        return pending
+                else:
+                    due = min(due, conn.last_progress + self.timeout_s + 0.001)
+        return due
 
     # ------------------------------------------------------------------ accept / handshake
     def _accept(self) -> None:
@@ -598,7 +631,7 @@ class SocketsTransport(Transport):
         conn.rbuf = bytearray(RECV_BUF)
         conn.rmv = memoryview(conn.rbuf)
         if conn.hs_out:  # the CONFIRM not written yet goes first
-            conn.iov.append(memoryview(bytes(conn.hs_out)))
+            conn.iov.append(bytes(conn.hs_out))
             conn.queued_total += len(conn.hs_out)
             conn.hs_out.clear()
             conn.last_progress = time.monotonic()
@@ -618,13 +651,13 @@ class SocketsTransport(Transport):
     # ------------------------------------------------------------------ I/O
     def _io(self, conn: _Conn, mask: int, read: bool) -> None:
         if conn.state == "connecting":
-            if mask & _W:
+            if mask & _WERR:
                 self._connected(conn)
             return
         if conn.state == "handshake":
-            if mask & _W and conn.hs_out:
+            if mask & _WERR and conn.hs_out:
                 self._write_hs(conn)
-            if mask & _R and conn.state == "handshake":
+            if mask & _RERR and conn.state == "handshake":
                 try:
                     data = conn.sock.recv(65536)
                 except BlockingIOError:
@@ -642,7 +675,7 @@ class SocketsTransport(Transport):
             return
         if mask & _W:
             self._flush(conn)
-        if mask & _R and read and conn.state == "open":
+        if mask & _RERR and read and conn.state == "open":
             self._read(conn)
 
     def _connected(self, conn: _Conn) -> None:
@@ -676,10 +709,24 @@ class SocketsTransport(Transport):
         if conn.state != "open":
             return
         iov = conn.iov
+        sendmsg = conn.sock.sendmsg
         while iov:
-            batch = list(itertools.islice(iov, 0, IOV_MAX)) if len(iov) > 1 else [iov[0]]
+            if len(iov) == 1:
+                batch = [iov[0]]
+                want = len(batch[0])
+            elif len(iov) <= 64 and conn.queued_total - conn.sent_total <= BATCH_BYTES:
+                batch = list(iov)
+                want = conn.queued_total - conn.sent_total
+            else:
+                batch = []
+                want = 0
+                for b in itertools.islice(iov, 0, IOV_MAX):
+                    batch.append(b)
+                    want += len(b)
+                    if want >= BATCH_BYTES:
+                        break
             try:
-                n = conn.sock.sendmsg(batch)
+                n = sendmsg(batch)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -687,15 +734,15 @@ class SocketsTransport(Transport):
                 return
             conn.sent_total += n
             conn.last_progress = time.monotonic()
-            full = n < sum(b.nbytes for b in batch)
+            full = n < want
+            popleft = iov.popleft
             while n:
-                first = iov[0]
-                ln = first.nbytes
+                ln = len(iov[0])
                 if ln <= n:
                     n -= ln
-                    iov.popleft()
+                    popleft()
                 else:
-                    iov[0] = first[n:]
+                    iov[0] = memoryview(iov[0])[n:]
                     n = 0
             ends = conn.msg_ends
             while ends and ends[0] <= conn.sent_total:
@@ -735,6 +782,7 @@ class SocketsTransport(Transport):
                     self._events.append(MessageReceived(conn.node_id, conn.big_mv))  # type: ignore[arg-type]
                     conn.big = conn.big_mv = None
                     conn.big_got = 0
+                    return  # hand it over before the next large buffer is needed (lets buffers recycle)
                 continue
             conn.rend += n
             if not self._parse(conn):
@@ -773,7 +821,7 @@ class SocketsTransport(Transport):
                 pos += hdr + length
                 continue
             if length >= LARGE or hdr + length > len(rbuf):
-                big = bytearray(length)
+                big = self._big_buffer(length)
                 big[:avail] = rmv[pos + hdr:end]
                 conn.big, conn.big_mv, conn.big_got = big, memoryview(big), avail
                 pos = end
@@ -785,6 +833,25 @@ class SocketsTransport(Transport):
             if pos > len(rbuf) // 2:
                 self._compact(conn)
         return True
+
+    def _big_buffer(self, n: int) -> bytearray:
+        """A buffer for one large message: a recycled one nobody references any more, else a new one.
+
+        The receiver owns what it gets (it may keep it); a buffer is reused only
+        once the application dropped every reference to it (CPython refcount).
+        """
+        if n < POOL_MIN:
+            return bytearray(n)
+        pool = self._pool
+        for buf in pool:
+            if len(buf) == n and sys.getrefcount(buf) == 3:  # the pool, ``buf``, getrefcount's argument
+                return buf
+        # anonymous mmap: zero pages from the kernel, no memset of the whole buffer in user space
+        buf = mmap.mmap(-1, n, flags=_MAP_FLAGS)
+        pool.append(buf)
+        while sum(len(b) for b in pool) > POOL_MAX_BYTES:
+            pool.pop(0)
+        return buf
 
     def _frame_error(self, conn: _Conn, why: str) -> bool:
         log.warning("node %d: %s sent garbage, closing that connection: %s", self.node_id, conn.label(), why)
@@ -821,7 +888,7 @@ class SocketsTransport(Transport):
         if self._conns.get(conn.fd) is conn:
             del self._conns[conn.fd]
         if conn.mask:
-            self._unregister(conn.sock)
+            self._unregister(conn.fd)
             conn.mask = 0
         self._dirty.discard(conn)
         if conn.node_id is not None and self._accepting.get(conn.node_id) is conn:
@@ -838,14 +905,14 @@ class SocketsTransport(Transport):
         if mask == conn.mask:
             return
         if conn.mask == 0:
-            self._sel.register(conn.sock, mask, conn)
+            self._ep.register(conn.fd, mask)
         else:
-            self._sel.modify(conn.sock, mask, conn)
+            self._ep.modify(conn.fd, mask)
         conn.mask = mask
 
-    def _unregister(self, sock: socket.socket) -> None:
+    def _unregister(self, fd: int) -> None:
         try:
-            self._sel.unregister(sock)
+            self._ep.unregister(fd)
         except (KeyError, ValueError, OSError):
             pass
 
