@@ -49,7 +49,7 @@ test-long: setup
 
 demo: setup
 	$(VENV)/bin/derecho plugins
-	$(VENV)/bin/derecho config --DERECHO/local_id=1 -- demo-arg
+	$(PY) examples/membership_demo.py
 
 bench: setup
 	$(VENV)/bin/derecho bench all

@@ -97,9 +97,11 @@ def run(args: argparse.Namespace) -> int:
             for i in range(args.runs):
                 victim = 1 + i % (args.nodes - 1)  # never node 0, the leader and contact
                 survivors = [n for n in everyone if n != victim]
+                vids = {n: members[n].last_vid() for n in survivors}
                 t_kill = time.time()
                 members[victim].kill()
-                times = [members[n].wait_for_view(survivors, timeout=60)["time"] for n in survivors]
+                times = [members[n].wait_for_view(survivors, timeout=60, after_vid=vids[n])["time"]
+                         for n in survivors]
                 crash_ms.append((max(times) - t_kill) * 1000)
                 t_start = time.time()
                 members[victim] = group.start(victim)

@@ -86,10 +86,16 @@ class Member:
                                        f"events: {self.events[-5:]}; stderr: {''.join(self.stderr[-10:])}")
                 self._cond.wait(min(left, 0.2))
 
-    def wait_for_view(self, members: list[int] | set[int], timeout: float = 30) -> dict[str, Any]:
+    def last_vid(self) -> int:
+        views = self.views()
+        return views[-1]["vid"] if views else -1
+
+    def wait_for_view(self, members: Any, timeout: float = 30, after_vid: int = -1) -> dict[str, Any]:
+        """The first view with exactly ``members`` (any order) and a vid above ``after_vid``."""
         want = sorted(members)
-        return self.wait_for(lambda evs: next((e for e in reversed(evs) if e.get("event") == "view"
-                                               and sorted(e["members"]) == want), None), timeout)
+        return self.wait_for(lambda evs: next((e for e in evs if e.get("event") == "view"
+                                               and e["vid"] > after_vid and sorted(e["members"]) == want), None),
+                             timeout)
 
     def wait_exit(self, timeout: float = 30) -> int:
         return self.proc.wait(timeout)
