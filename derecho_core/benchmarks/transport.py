@@ -36,6 +36,7 @@ K_ECHO, K_SINK, K_ACK = 0, 1, 2
 MiB = 1 << 20
 #: default volumes per run: (message size, count)
 STREAMS = ((1 * MiB, 256), (64 * MiB, 8))
+WARMUP = 3  # messages of each size sent (and acknowledged) before the clock starts
 
 
 # ----------------------------------------------------------------------------- servers (subprocess side)
@@ -167,6 +168,11 @@ def _plain_run(iters: int, streams: tuple[tuple[int, int], ...]) -> dict[str, fl
         for size, count in streams:
             data = bytes(size)
             hdr = HDR.pack(size, K_SINK)
+            for _ in range(WARMUP):
+                s.sendall(hdr)
+                s.sendall(data)
+            s.sendall(HDR.pack(0, K_ACK))
+            _recv_exact(s, memoryview(ack))
             t0 = time.perf_counter()
             for _ in range(count):
                 s.sendall(hdr)
@@ -225,6 +231,10 @@ def _transport_run(provider: str, iters: int, streams: tuple[tuple[int, int], ..
         for size, count in streams:
             data = bytes(size)
             sink = b"\x01"
+            for _ in range(WARMUP):
+                t.send(2, [sink, data])
+            t.send(2, [b"\x02"])
+            wait_message()
             t0 = time.perf_counter()
             for _ in range(count):
                 t.send(2, [sink, data])
