@@ -883,7 +883,7 @@ class VerbsTransport(Transport):
             self._events.append(MessageReceived(c.node_id, data if isinstance(data, memoryview) else memoryview(data)))
 
     def _check_timers(self, now: float) -> None:
-        for node, (addr, deadline, next_try) in list(self._retry_connect.items()):
+        for node, (_addr, _deadline, next_try) in list(self._retry_connect.items()):
             if node not in self._connecting and node not in self._peers and now >= next_try:
                 self._start_connect(node)
         for c in list(self._conns):
