@@ -499,7 +499,10 @@ class Membership:
         row = self.my_row
         row.suspected[rank] = True
         self._dirty.add("suspected")
-        self._out.append(Disconnect(self.view.members[rank]))
+        # its row is frozen from now on; one last update tells it why it is being removed (if it
+        # is alive at all). The connection is closed once a view without it is installed.
+        self._out.append(Send(self.view.members[rank], wire.encode(
+            wire.SST, self.view.vid, row.encode(["suspected"]))))
         self._check_majority()
         if self.stopped:
             return
@@ -782,6 +785,8 @@ class Membership:
         view.failed = [False] * view.num_members
         view.refresh_my_subgroups()
         old_members = set(self.view.members) if self.view is not None else set()
+        for gone in sorted(old_members - set(view.members)):
+            self._out.append(Disconnect(gone))
         self.view = view
         self.rows = [None] * view.num_members
         self.rows[view.rank_of(self.id)] = row
