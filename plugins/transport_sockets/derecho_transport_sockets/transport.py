@@ -84,7 +84,7 @@ MAX_WAIT = 0.25  # an idle poll still looks at its timers this often
 
 
 def _resolve_domain(domain: str) -> str:
-    """``[RDMA] domain``: an IP address, a host name, or an interface name (its IPv4 address)."""
+    """``[RDMA] domain``: an IP address, or an interface name (its IPv4 address). No DNS look-ups."""
     try:
         ipaddress.ip_address(domain)
         return domain
@@ -93,7 +93,9 @@ def _resolve_domain(domain: str) -> str:
     try:
         socket.if_nametoindex(domain)
     except OSError:
-        return socket.gethostbyname(domain)
+        names = ", ".join(name for _, name in socket.if_nameindex())
+        raise ValueError(f"[RDMA] domain {domain!r} is neither an IP address nor a network interface "
+                         f"(interfaces here: {names})") from None
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", domain.encode()[:15]))  # SIOCGIFADDR
