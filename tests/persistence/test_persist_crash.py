@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -24,32 +25,57 @@ KILLS = 60
 BUDGET_S = 45.0
 
 
+def _wait_for_open(outfile: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if outfile.exists() and b"open" in outfile.read_bytes():
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"the child never opened its log: {outfile.read_text() if outfile.exists() else ''}")
+
+
 @pytest.mark.timeout(120)
 def test_sigkill_at_random_moments_leaves_a_valid_prefix(tmp_path, caplog):
     rng = random.Random(20261128)
+    logdir, outfile = tmp_path / "plog", tmp_path / "child.out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CHILD.parent), os.environ.get("PYTHONPATH", "")]))
+    errfile = (tmp_path / "zygote.err").open("w")
+    zygote = subprocess.Popen([sys.executable, str(CHILD), str(logdir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=errfile, text=True, env=env)
+
+    def answer() -> str:
+        line = zygote.stdout.readline()
+        if not line:
+            raise AssertionError(f"the zygote died: {(tmp_path / 'zygote.err').read_text()}")
+        return line
+
     durable = -1  # every version up to this one must survive
-    kills = kills_while_running = cuts = 0
+    kills = while_running = during_open = persists_seen = cuts = 0
     deadline = time.monotonic() + BUDGET_S
-    proc = None
     try:
         while kills < KILLS and time.monotonic() < deadline:
-            proc = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path), str(rng.randrange(1 << 30))],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-            # mostly while appending; sometimes during start-up and recovery
-            time.sleep(rng.uniform(0.0, 0.06) if rng.random() < 0.15 else rng.uniform(0.12, 0.3))
-            proc.kill()  # SIGKILL
-            out, err = proc.communicate(timeout=30)
-            assert proc.returncode == -9, err.decode()
+            zygote.stdin.write(f"run {rng.randrange(1 << 30)} {outfile}\n")
+            zygote.stdin.flush()
+            pid = int(answer())
+            if rng.random() < 0.15:  # during start-up: opening, recovering, the first appends
+                time.sleep(rng.uniform(0, 0.003))
+                during_open += 1
+            else:  # while appending and persisting
+                _wait_for_open(outfile)
+                time.sleep(rng.uniform(0.002, 0.08))
+                while_running += 1
+            os.kill(pid, signal.SIGKILL)
+            status = int(answer().split()[1])
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
             kills += 1
-            reported = [int(line.split()[1]) for line in out.decode().splitlines() if line.startswith("p ")]
+            reported = [int(line.split()[1]) for line in outfile.read_text().splitlines() if line.startswith("p ")]
             if reported:
-                kills_while_running += 1
+                persists_seen += 1
                 durable = max(durable, max(reported))
 
             caplog.clear()
             with caplog.at_level(logging.WARNING, logger="derecho.persistence"):
-                log = FileLogStore(tmp_path, "crash")
+                log = FileLogStore(logdir, "crash")
             try:
                 cuts += bool(log.recovery["cut_bytes"])
                 entries = list(log)
@@ -65,11 +91,15 @@ def test_sigkill_at_random_moments_leaves_a_valid_prefix(tmp_path, caplog):
             finally:
                 log.close()
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        zygote.stdin.close()
+        try:
+            zygote.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            zygote.kill()
+            zygote.wait()
+        errfile.close()
+    print(f"{kills} kills ({while_running} while appending, {during_open} during start-up), "
+          f"{persists_seen} after a reported persist, {cuts} torn tails cut, log reached version {durable}")
     assert kills >= 50, f"only {kills} kills in {BUDGET_S} s"
-    assert kills_while_running >= 40
+    assert while_running >= 40
     assert durable > 0
-    print(f"{kills} kills ({kills_while_running} while appending), {cuts} torn tails cut, "
-          f"log reached version {durable}")

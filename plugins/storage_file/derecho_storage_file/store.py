@@ -81,10 +81,9 @@ _H40 = struct.Struct("<4sIQqqq")  # magic, payload crc, length, version, hlc_us,
 _HCRC = struct.Struct("<I4x")  # crc32 of the 40 bytes above, padding
 HDR = _H40.size + _HCRC.size  # 48
 _HDR_FULL = struct.Struct("<4sIQqqqI4x")
-_R40 = struct.Struct("<qqqQQ")  # version, hlc_us, hlc_logic, data offset, payload length
-_RCRC = struct.Struct("<I4x")
-REC = _R40.size + _RCRC.size  # 48
-_REC_FULL = struct.Struct("<qqqQQI4x")
+#: an index record is a copy of its entry's header: the header's own CRC vouches for it, and offsets
+#: follow from the lengths (entries are contiguous), so indexing an entry costs no extra checksum
+REC = HDR
 
 #: payloads this large are written straight from the caller's buffer instead of being copied
 DIRECT_WRITE = 64 * 1024
@@ -232,12 +231,14 @@ class FileLogStore(LogStore):
         self._off = array("q")
         self._head_offset = head_offset
         self._pending = bytearray()
+        self._ipending = bytearray()  # index records of the entries after _idx_written_tail
         idx_covered = self._load_index(head, head_offset)
-        end = self._verify_indexed(idx_covered)
-        end = self._scan_tail(end)
+        end, cut = self._verify_indexed()
+        self._idx_written_tail = min(idx_covered, self._idx.tail)
+        if not cut:
+            end = self._scan_tail(end)
         self._end = self._written = self._synced_end = end
         self._synced_tail = self._idx.tail
-        self._idx_written_tail = min(idx_covered, self._idx.tail)
         self._idx_dirty = False
         self._last_idx_sync = time.monotonic()
         if not self.readonly:
@@ -325,17 +326,18 @@ class FileLogStore(LogStore):
         count = 0
         for i in range(len(raw) // REC):
             at = i * REC
-            version, us, lg, off, length, crc = _REC_FULL.unpack_from(raw, at)
-            if crc != _crc(raw[at:at + _R40.size]) or off != expect_off or version <= last_version:
-                if at + REC <= len(raw) and any(raw[at:at + REC]):
+            hdr = _check_header(raw[at:at + REC])
+            if isinstance(hdr, str) or hdr[2] <= last_version:
+                if any(raw[at:at + REC]):
                     log.warning("%s: index record %d at offset %d is damaged or stale; rebuilding the index "
                                 "from the data file from there", self.idx_path, head + i, start + at)
                 break
+            _, length, version, us, lg = hdr
             versions.append(version)
             rtc.append(us)
             logic.append(lg)
-            offs.append(off)
-            expect_off = off + HDR + length
+            offs.append(expect_off)
+            expect_off += HDR + length
             last_version = version
             count += 1
         self._indexed_end = expect_off
@@ -347,11 +349,12 @@ class FileLogStore(LogStore):
     def _entry_end(self, pos: int) -> int:
         return self._off[pos + 1] if pos + 1 < len(self._off) else self._end
 
-    def _verify_indexed(self, idx_covered: int) -> int:
-        """Check every indexed entry against its checksums; returns the data offset after the last good one."""
+    def _verify_indexed(self) -> tuple[int, bool]:
+        """Check every indexed entry against its checksums; returns the data offset after the last good one
+        and whether a torn tail was cut."""
         n = len(self._off)
         if n == 0:
-            return self._head_offset
+            return self._head_offset, False
         # lengths come from the index records; the entry after the last ends where the index says
         size = os.fstat(self._dfd).st_size
         lengths = array("q", (self._off[i + 1] - self._off[i] - HDR for i in range(n - 1)))
@@ -370,13 +373,13 @@ class FileLogStore(LogStore):
             elif first_bad is None:
                 first_bad = (pos, why)
         if first_bad is None:
-            return self._off[-1] + HDR + lengths[-1]
+            return self._off[-1] + HDR + lengths[-1], False
         bad_pos, why = first_bad
         cut_off = self._off[bad_pos]
         self._cut_warning(cut_off, n - bad_pos, f"entry {self._idx.head + bad_pos}: {why}")
         self._idx.drop_back(bad_pos)
         del self._off[bad_pos:]
-        return cut_off
+        return cut_off, True
 
     def _entry_problem(self, reader: _Reader, off: int, length: int, pos: int) -> str | None:
         if off + HDR + length > reader.size:
@@ -406,7 +409,8 @@ class FileLogStore(LogStore):
             if off + HDR > size:
                 why = f"{size - off} bytes, shorter than an entry header"
                 break
-            hdr = _check_header(reader.view(off, HDR))
+            raw_hdr = reader.view(off, HDR)
+            hdr = _check_header(raw_hdr)
             if isinstance(hdr, str):
                 why = hdr
                 break
@@ -422,6 +426,7 @@ class FileLogStore(LogStore):
                 break
             self._idx.add(version, HLC(us, lg))
             self._off.append(off)
+            self._ipending += raw_hdr
             self.recovery["recovered_from_data"] += 1
             last = version
             off += HDR + length
@@ -447,19 +452,19 @@ class FileLogStore(LogStore):
             raise StorageError(f"log {self.name!r} is open read-only")
 
     def append(self, version: int, timestamp: HLC | int, data: bytes | bytearray | memoryview) -> int:
-        # the hot path: plain local operations, no helper calls beyond packing and checksums
+        # the hot path: local operations only, one pack and two checksums per entry
         if self._closed or self.readonly:
             self._check_writable()
         idx = self._idx
         versions = idx.versions
-        if version <= (versions[-1] if versions else self._floor):
-            check_append(versions[-1] if versions else self._floor, version, self.name)
-        ts = timestamp if type(timestamp) is HLC else HLC.coerce(timestamp)
-        us, lg = ts
+        latest = versions[-1] if versions else self._floor
+        if version <= latest:
+            check_append(latest, version, self.name)
+        us, lg = timestamp if type(timestamp) is HLC else HLC.coerce(timestamp)
         n = len(data)
+        off = self._end
         if self._max_entries is not None and len(versions) >= self._max_entries:
             raise LogFullError(f"log {self.name!r} holds max_log_entry={self._max_entries} entries; trim it")
-        off = self._end
         if self._max_bytes is not None and off + HDR + n - self._head_offset > self._max_bytes:
             raise LogFullError(f"log {self.name!r} would exceed max_data_size={self._max_bytes} bytes; trim it")
         try:
@@ -468,20 +473,21 @@ class FileLogStore(LogStore):
             data = bytes(data)
             pcrc = _crc(data)
         h40 = _H40.pack(ENTRY_MAGIC, pcrc, n, version, us, lg)
+        hdr = h40 + _HCRC.pack(_crc(h40))
         try:
             if n >= DIRECT_WRITE:
                 self._flush_pending()
-                self._write_all([h40 + _HCRC.pack(_crc(h40)), data], off)
+                self._write_all([hdr, data], off)
                 self._written = off + HDR + n
             else:
                 pending = self._pending
-                pending += h40
-                pending += _HCRC.pack(_crc(h40))
+                pending += hdr
                 pending += data
                 if len(pending) >= WRITE_BUFFER:
                     self._flush_pending()
         except OSError as exc:
             self._failed_write(exc, "append")
+        self._ipending += hdr
         self._end = off + HDR + n
         rtc, logic = idx.rtc, idx.logic
         if rtc and (us < rtc[-1] or (us == rtc[-1] and lg < logic[-1])):
@@ -525,6 +531,7 @@ class FileLogStore(LogStore):
         self._idx.drop_back(keep)
         del self._off[keep:]
         self._pending = bytearray()
+        del self._ipending[(self._synced_tail - self._idx_written_tail) * REC:]
         self._end = self._written = self._synced_end
         try:
             os.ftruncate(self._dfd, self._synced_end)  # shrinking needs no space
@@ -551,22 +558,21 @@ class FileLogStore(LogStore):
         return self.latest_persisted_version
 
     def _write_index_records(self) -> None:
+        """Write the index records of the persisted entries not yet indexed (only after the data sync)."""
         start, stop = self._idx_written_tail, self._synced_tail
         if start >= stop:
             return
-        head = self._idx.head
-        idx, offs = self._idx, self._off
-        out = bytearray()
-        for i in range(start - head, stop - head):
-            off = offs[i]
-            r40 = _R40.pack(idx.versions[i], idx.rtc[i], idx.logic[i], off,
-                            (offs[i + 1] if i + 1 < len(offs) else self._end) - off - HDR)
-            out += r40
-            out += _RCRC.pack(_crc(r40))
+        nbytes = (stop - start) * REC
+        if nbytes == len(self._ipending):
+            out, self._ipending = self._ipending, bytearray()
+        else:
+            out = self._ipending[:nbytes]
+            del self._ipending[:nbytes]
         try:
             os.pwrite(self._ifd, out, FILE_HDR + start * REC)
         except OSError as exc:
             # the entries are durable in the data file; the index is rebuilt from it on the next open
+            self._ipending[:0] = out
             log.warning("%s: could not write index records %d..%d (%s); they will be rebuilt from the data file",
                         self.idx_path, start, stop - 1, exc)
             return
@@ -615,10 +621,13 @@ class FileLogStore(LogStore):
         os.fdatasync(self._dfd)
         idx.drop_back(keep)
         del self._off[keep:]
-        os.ftruncate(self._ifd, FILE_HDR + idx.tail * REC)
+        os.ftruncate(self._ifd, FILE_HDR + min(idx.tail, self._idx_written_tail) * REC)
         os.fdatasync(self._ifd)
+        # records still waiting (a failed index write) for entries that are gone are dropped too
+        del self._ipending[max(0, idx.tail - self._idx_written_tail) * REC:]
+        self._idx_written_tail = min(self._idx_written_tail, idx.tail)
         self._end = self._written = self._synced_end = new_end
-        self._synced_tail = self._idx_written_tail = idx.tail
+        self._synced_tail = idx.tail
         return dropped
 
     def close(self) -> None:
