@@ -3,13 +3,14 @@
 Layout under ``[PERS] file_path`` (directory mode 0700) for a log named N
 (``safe_log_name(N)`` on disk):
 
-``N.data``   16-byte file header, then entries back to back. Each entry is a
-             48-byte header ``magic "DRE1", crc32(payload), length, version,
-             hlc_us, hlc_logic, crc32(header)`` and the payload. The data file
-             alone is enough to rebuild the log: it is the authority.
+``N.data``   16-byte file header (magic, checksum name), then entries back to
+             back. Each entry is a 48-byte header ``magic "DRE1", crc(payload),
+             length, version, hlc_us, hlc_logic, crc(header)`` and the payload.
+             The data file alone is enough to rebuild the log: it is the authority.
 ``N.idx``    16-byte file header, then one 48-byte record per entry at
-             ``16 + 48 * index`` (indexes are absolute, as in Derecho):
-             ``version, hlc_us, hlc_logic, offset, length, crc32(record)``.
+             ``16 + 48 * index`` (indexes are absolute, as in Derecho): a copy
+             of the entry's header, so its own CRC vouches for it; offsets
+             follow from the lengths, since entries are contiguous.
 ``N.meta``   JSON ``{head, head_offset, floor_version}``: where the log starts
              after trims. Replaced atomically (temporary file, fsync, rename).
 ``N.lock``   holds a ``flock`` while the log is open, and the owner's pid.
@@ -23,7 +24,9 @@ apart while persisting; 0 syncs it on every persist): a crash can lose index
 records, never entries, because opening rescans the data after the last
 index record.
 
-Opening verifies every checksum. A bad entry followed by a good one where
+Checksums are CRC-32C, computed in hardware by google-crc32c (zlib's CRC-32
+runs at about 2 GB/s here, which cost a third of the throughput on 64 KB
+entries). Opening verifies every checksum. A bad entry followed by a good one where
 the index says entries are is corruption: :class:`LogCorruptionError` naming
 file and offset. A bad entry with nothing good after it, or garbage after the
 last indexed entry, is a torn write: cut, with a warning on the
@@ -78,7 +81,7 @@ CHECKSUM_TAG = b"crc32c\0\0"
 FILE_HDR = 16
 ENTRY_MAGIC = b"DRE1"
 _H40 = struct.Struct("<4sIQqqq")  # magic, payload crc, length, version, hlc_us, hlc_logic
-_HCRC = struct.Struct("<I4x")  # crc32 of the 40 bytes above, padding
+_HCRC = struct.Struct("<I4x")  # crc of the 40 bytes above, padding
 HDR = _H40.size + _HCRC.size  # 48
 _HDR_FULL = struct.Struct("<4sIQqqqI4x")
 #: an index record is a copy of its entry's header: the header's own CRC vouches for it, and offsets
@@ -89,20 +92,6 @@ REC = HDR
 DIRECT_WRITE = 64 * 1024
 #: buffered appends are written out once this many bytes are pending
 WRITE_BUFFER = 1 << 20
-_VERIFY_CHUNK = 8 << 20
-
-
-
-def _crc_any(data: bytes | bytearray | memoryview) -> int:
-    try:
-        return _crc(data)
-    except TypeError:  # google-crc32c takes read-only buffers only
-        return _crc(bytes(data))
-
-
-def encode_header(version: int, ts: HLC, payload: bytes | bytearray | memoryview) -> bytes:
-    h40 = _H40.pack(ENTRY_MAGIC, _crc_any(payload), len(payload), version, ts.rtc_us, ts.logic)
-    return h40 + _HCRC.pack(_crc(h40))
 
 
 def _check_header(view: Any) -> tuple[int, int, int, int, int] | str:
