@@ -745,14 +745,24 @@ class VerbsTransport(Transport):
 
     def send(self, node_id: int, buffers: Sequence[Buffer], *, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        spins = 0
         while True:
             if self.try_send(node_id, buffers):
                 return
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 raise SendQueueFull(f"send queue of node {node_id} still full after {timeout} s", node_id=node_id)
-            with self._lock:
+            with self._lock:  # drive progress ourselves: the engine thread may be the one waiting on us
+                if self._closed:
+                    raise TransportClosedError("transport is closed")
                 self._progress()
-            time.sleep(0)
+                if now >= self._next_oob_check:
+                    self._next_oob_check = now + OOB_CHECK
+                    self._check_sockets(0)
+                    self._check_timers(now)
+            spins += 1
+            # spin a little (the peer is usually about to free room), then back off up to 1 ms
+            time.sleep(0 if spins < 100 else min(0.001, 0.00001 * (spins - 99)))
 
     # ----------------------------------------------------------------- progress
     def _drain_cq(self) -> int:
