@@ -375,7 +375,7 @@ class SocketsTransport(Transport):
             slice_s = 0.05 if deadline is None else min(0.05, deadline - now)
             if self._progress_lock.acquire(blocking=False):
                 try:  # nobody polls: drive everything, reading only while there is room for events
-                    self._step(slice_s, read=len(self._events) < self.rx_depth)
+                    self._step(slice_s, read=len(self._events) < self.rx_depth, spin=False)
                 finally:
                     self._progress_lock.release()
             else:  # the engine polls: push this peer's bytes, wait for room in its socket
@@ -422,7 +422,7 @@ class SocketsTransport(Transport):
         self._events = []
         return ev
 
-    def _step(self, wait: float | None, read: bool = True) -> None:
+    def _step(self, wait: float | None, read: bool = True, spin: bool = True) -> None:
         """One round: flush corked queues, timers when due, one epoll wait, handle what is ready."""
         with self._lock:
             if self._closed:
@@ -434,7 +434,7 @@ class SocketsTransport(Transport):
             now = time.monotonic()
             if now >= self._next_timer:
                 self._next_timer = self._timers(now)
-            if self._events or now < self._busy_until:
+            if self._events or (spin and now < self._busy_until):
                 wait = 0.0
             else:
                 cap = min(MAX_WAIT, max(0.0, self._next_timer - now))
