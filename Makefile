@@ -54,8 +54,13 @@ demo: setup
 bench: setup
 	$(VENV)/bin/derecho bench all
 
-lint: setup
+lint: setup typecheck
 	$(VENV)/bin/ruff check derecho_core plugins examples tests bench
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+
+.PHONY: typecheck
+# mypy --strict on the modules listed in pyproject.toml [tool.mypy] (run by make lint).
+typecheck: setup
+	$(VENV)/bin/mypy

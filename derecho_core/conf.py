@@ -698,15 +698,17 @@ class Conf:
 
     def json_layout(self) -> str | None:
         """The JSON layout text from json_layout or json_layout_file, or None."""
-        if self._values["LAYOUT/json_layout"].value:
-            return self._values["LAYOUT/json_layout"].value
+        inline: str = self._values["LAYOUT/json_layout"].value
+        if inline:
+            return inline
         path = self.json_layout_path()
         return path.read_text(encoding="utf-8") if path is not None else None
 
     def log_level(self, layer: str) -> str:
         """The effective level of a layer's logger (sst, rpc, viewmanager, persistence)."""
-        own = self.get(f"LOGGER/{layer}_log_level")
-        return own or self.get("LOGGER/default_log_level")
+        own: str = self.get(f"LOGGER/{layer}_log_level")
+        default: str = self.get("LOGGER/default_log_level")
+        return own or default
 
     def items(self) -> Iterator[tuple[str, Any, str]]:
         """Every effective ``(key, value, source)``, in table order, then profiles and app sections."""

@@ -118,7 +118,7 @@ class SubView:
         if not isinstance(profile, str) or not profile:
             raise ValueError(f"SubView: profile must be a non-empty string, got {profile!r}")
         self.profile: str = profile.upper()  # profiles name [SUBGROUP/<PROFILE>] sections, upper-cased
-        addrs = [None] * len(self.members) if member_ips_and_ports is None else [_addr(a) for a in member_ips_and_ports]
+        addrs: list[IpAndPorts | None] = [None] * len(self.members) if member_ips_and_ports is None else [_addr(a) for a in member_ips_and_ports]
         if len(addrs) != len(self.members):
             raise ValueError(f"SubView: {len(self.members)} members but {len(addrs)} addresses")
         self.member_ips_and_ports: list[IpAndPorts | None] = addrs
@@ -222,7 +222,7 @@ class View:
         self.failed: list[bool] = [False] * n if failed is None else [bool(f) for f in failed]
         if len(self.failed) != n:
             raise ValueError(f"View: {n} members but {len(self.failed)} failed flags")
-        addrs = [None] * n if member_ips_and_ports is None else [_addr(a) for a in member_ips_and_ports]
+        addrs: list[IpAndPorts | None] = [None] * n if member_ips_and_ports is None else [_addr(a) for a in member_ips_and_ports]
         if len(addrs) != n:
             raise ValueError(f"View: {n} members but {len(addrs)} addresses")
         self.member_ips_and_ports: list[IpAndPorts | None] = addrs
@@ -313,13 +313,14 @@ class View:
         type order are not included: only adequate views travel, and the rest
         is per node.
         """
-        return msgpack.packb([
+        data: bytes = msgpack.packb([
             WIRE_VERSION, self.vid, self.members,
             [None if a is None else list(a) for a in self.member_ips_and_ports],
             self.failed, self.joined, self.departed, self.next_unassigned_rank,
             self.subgroup_ids_by_type_id,
             [[s._encode() for s in shards] for shards in self.subgroup_shard_views],
         ], use_bin_type=True)
+        return data
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, *, my_id: int | None = None,

@@ -6,7 +6,7 @@ import argparse
 import json
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "config", help="print the effective configuration and where each value came from",
         description="Print every effective value (defaults, derecho.cfg, derecho_node.cfg, command line). "

@@ -7,7 +7,7 @@ import json
 import sys
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("plugins", help="list installed plugins and the names they register",
                        description="List every plugin: distribution, version, kind and registered names.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
