@@ -243,6 +243,11 @@ class VerbsTransport(Transport):
 
     def _post_receives(self) -> None:
         ffi = self._ffi
+        limit = max(1, self.ep.info.rx_size // 2)  # the other half is for large-message (tagged) receives
+        if self.rx_depth > limit:
+            log.warning("[RDMA] rx_depth %d exceeds half of provider %s's receive queue (%d); posting %d",
+                        self.rx_depth, self.ep.info.provider, self.ep.info.rx_size, limit)
+            self.rx_depth = limit
         for _ in range(self.rx_depth):
             buf = bytearray(self.eager_size)
             cbuf = ffi.from_buffer(buf)
@@ -516,14 +521,29 @@ class VerbsTransport(Transport):
         if out:
             self._send_oob(c, out)
         h = c.handshake
-        if c.role == "acceptor" and h.peer is not None and c.node_id is None:
-            # WELCOME sent: learn the peer now, so libfabric messages that arrive before CONFIRM are kept.
-            self._adopt_peer(c, h.peer)
-            if c.state != "handshake":
-                return
+        try:
+            if c.role == "acceptor" and h.peer is not None and c.node_id is None:
+                # WELCOME sent: learn the peer now, so libfabric messages that arrive before CONFIRM are kept.
+                self._adopt_peer(c, h.peer)
+            elif h.done and c.role == "initiator":
+                if h.peer is None or not h.peer.extra:
+                    raise HandshakeError(f"node {c.node_id} is not a libfabric transport (no endpoint name in its "
+                                         f"handshake; is it on [RDMA] provider {self.provider!r}?)")
+                self._adopt_peer(c, h.peer)
+        except (HandshakeError, fab.FabricError) as exc:
+            node = h.peer.node_id if h.peer is not None else c.node_id
+            log.warning("handshake with node %s failed: %s", node, exc)
+            if c.node_id is not None and self._peers.get(c.node_id) is c:
+                del self._peers[c.node_id]
+            if c.role == "initiator" and node is not None:
+                self._retry_connect.pop(node, None)
+                self._drop_conn(c)
+                self._events.append(PeerFailed(node, f"handshake failed: {exc}"))
+            else:
+                self._drop_conn(c)
+            return
         if h.done:
             if c.role == "initiator":
-                self._adopt_peer(c, h.peer)
                 self._connecting.pop(c.node_id, None)
                 self._retry_connect.pop(c.node_id, None)
             c.state = "established"
@@ -1048,7 +1068,7 @@ class _VerbsRMA:
         with t._lock:
             t._check_open()
             c = t._peers.get(remote.node_id)
-            if c is None or c.state != "established":
+            if c is None or c.state != "established" or c.fi_addr < 0:
                 raise NotConnectedError(f"node {remote.node_id} is not connected", node_id=remote.node_id)
             key, base, length = RMA_DESC.unpack(remote.descriptor) if remote.descriptor else \
                 (remote.key, 0, remote.length)

@@ -372,3 +372,47 @@ def test_registered_names():
     names = ps.names("transport")
     assert {"tcp", "verbs"} <= set(names)
     assert "sockets" not in names  # libfabric's sockets provider is ofi_sockets: the name is the sockets plugin's
+
+
+@pytest.mark.timeout(15)
+def test_peer_without_libfabric_endpoint_is_refused_clearly():
+    """Dialing a node that answers the handshake without a libfabric endpoint (another provider) fails clearly."""
+    import threading
+
+    from derecho_core import handshake as hs
+    from derecho_core.transport import PeerFailed
+    from derecho_transport_verbs.transport import VerbsTransport
+
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+
+    def acceptor():
+        s, _ = ls.accept()
+        h = hs.Handshake("acceptor", 7, hs.new_incarnation(), version=hs.PROTOCOL_VERSION)
+        s.settimeout(5)
+        try:
+            while not h.done:
+                data = s.recv(4096)
+                if not data:
+                    break
+                out = h.receive(data)
+                if out:
+                    s.sendall(out)
+            s.recv(4096)
+        except OSError:
+            pass
+        s.close()
+
+    th = threading.Thread(target=acceptor, daemon=True)
+    th.start()
+    me = VerbsTransport(make_conf(), 1, ("127.0.0.1", 0))
+    try:
+        me.connect(7, ls.getsockname())
+        got = poll_until([me], lambda g: _msgs(g[me], PeerFailed))
+        assert "not a libfabric transport" in _msgs(got[me], PeerFailed)[0].reason
+        assert me.peers() == set()
+    finally:
+        me.close()
+        ls.close()
+        th.join(5)
