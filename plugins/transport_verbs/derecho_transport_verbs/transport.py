@@ -253,6 +253,7 @@ class VerbsTransport(Transport):
             cbuf = ffi.from_buffer(buf)
             mr = self.ep.register(buf) if self.ep.needs_local_mr else None
             op = _Op(None, "recv", (buf, cbuf))
+            op.slot = memoryview(buf)  # receive buffers: a view to copy payloads out of in one go
             op.mr = mr
             self._rx_bufs.append(op)
             self._repost(op)
@@ -822,7 +823,7 @@ class VerbsTransport(Transport):
                 if length != n - HDR.size:
                     payload = None
                 else:
-                    payload = bytes(buf[HDR.size:n])
+                    payload = bytes(op.slot[HDR.size:n])
             else:
                 payload = length
             self._repost(op)
