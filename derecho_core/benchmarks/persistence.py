@@ -41,8 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="entry sizes in bytes (comma list)")
     parser.add_argument("--cadences", default=",".join(map(str, CADENCES)),
                         help="appends per persist / sync / commit (comma list)")
-    parser.add_argument("--seconds", type=float, default=0.3, help="length of one measurement")
-    parser.add_argument("--runs", type=int, default=3, help="measurements per cell; the median is reported")
+    parser.add_argument("--seconds", type=float, default=0.25, help="length of one measurement")
+    parser.add_argument("--runs", type=int, default=7,
+                        help="measurements per cell, interleaved across the systems; the median is reported "
+                             "(a shared disk's fsync latency is bimodal: take several)")
     parser.add_argument("--max-mb", type=float, default=256, help="stop a measurement after this many MB")
     parser.add_argument("--time-entries", type=int, default=1_000_000,
                         help="entries of the log for get_by_time (0: skip)")

@@ -449,7 +449,10 @@ class FileLogStore(LogStore):
         latest = versions[-1] if versions else self._floor
         if version <= latest:
             check_append(latest, version, self.name)
-        us, lg = timestamp if type(timestamp) is HLC else HLC.coerce(timestamp)
+        if type(timestamp) is int:
+            us, lg = timestamp, 0
+        else:
+            us, lg = timestamp if type(timestamp) is HLC else HLC.coerce(timestamp)
         n = len(data)
         off = self._end
         if self._max_entries is not None and len(versions) >= self._max_entries:
