@@ -74,7 +74,8 @@ BIG_READ_CAP = 16 * 1024 * 1024  # bytes read per readiness event (fairness betw
 POOL_MIN = 256 * 1024          # large receive buffers from this size are recycled ...
 POOL_MAX_BYTES = 160 * 1024 * 1024  # ... up to this many bytes kept for reuse (per transport)
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-BATCH_BYTES = 4 * 1024 * 1024  # one sendmsg takes queued buffers up to about this many bytes
+BATCH_BYTES = 4 * 1024 * 1024
+EAGER_BYTES = 64 * 1024        # messages up to this size may take the write-at-once fast path  # one sendmsg takes queued buffers up to about this many bytes
 
 _R = select.EPOLLIN
 _W = select.EPOLLOUT
@@ -111,7 +112,7 @@ class _Conn:
         "sock", "fd", "state", "initiator", "node_id", "dial", "hs", "hs_out", "deadline", "mask",
         "rbuf", "rmv", "rstart", "rend", "big", "big_mv", "big_got",
         "iov", "msg_ends", "queued_total", "sent_total", "last_progress", "peer_addr", "incarnation",
-        "remote",
+        "remote", "gen",
     )
 
     def __init__(self, sock: socket.socket, initiator: bool, node_id: int | None, dial: Address | None):
@@ -139,6 +140,7 @@ class _Conn:
         self.last_progress = 0.0
         self.peer_addr: Address | None = None
         self.incarnation = 0
+        self.gen = -1
         try:
             self.remote = sock.getpeername()
         except OSError:
@@ -216,6 +218,7 @@ class SocketsTransport(Transport):
         self._busy_until = 0.0
         self._closed = False
         self._pool: list[bytearray] = []
+        self._gen = 0  # poll rounds: the first small message to an idle peer in a round is written at once
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -347,12 +350,37 @@ class SocketsTransport(Transport):
             q = conn.queued_total - conn.sent_total
             if len(conn.msg_ends) >= self.tx_depth or (q and q + size > self.max_queued_bytes):
                 return False
+            head = FRAME.pack(size, K_DATA)
+            if not q and conn.gen != self._gen and size <= EAGER_BYTES and conn.state == "open":
+                # Fast path: nothing queued and nothing sent to this peer since the last poll round:
+                # write now (low latency); later messages of the same round are corked and batched.
+                conn.gen = self._gen
+                try:
+                    n = conn.sock.sendmsg([head, *parts])
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError as exc:
+                    self._fail(conn, f"send failed: {exc.strerror or exc}")
+                    return True  # the peer is reported failed; its queue is gone
+                total = FRAME.size + size
+                conn.sent_total += n
+                conn.queued_total += total
+                if n == total:
+                    return True
+                conn.msg_ends.append(conn.queued_total)
+                conn.last_progress = now = time.monotonic()
+                if now + self.timeout_s < self._next_timer:
+                    self._next_timer = now + self.timeout_s + 0.001
+                rest = memoryview(b"".join([head, *parts]))[n:]
+                conn.iov.append(rest)
+                self._set_mask(conn, _R | _W)
+                return True
             if not q:
                 conn.last_progress = now = time.monotonic()
                 if now + self.timeout_s < self._next_timer:
                     self._next_timer = now + self.timeout_s + 0.001
             iov = conn.iov
-            iov.append(FRAME.pack(size, K_DATA))
+            iov.append(head)
             iov.extend(parts)
             conn.queued_total += FRAME.size + size
             conn.msg_ends.append(conn.queued_total)
@@ -424,25 +452,34 @@ class SocketsTransport(Transport):
 
     def _step(self, wait: float | None, read: bool = True, spin: bool = True) -> None:
         """One round: flush corked queues, timers when due, one epoll wait, handle what is ready."""
+        spin_until = 0.0
         with self._lock:
             if self._closed:
                 return
-            if self._dirty:
-                for conn in list(self._dirty):
-                    self._flush(conn)
-                self._dirty.clear()
+            self._gen += 1
+            dirty = self._dirty
+            while dirty:
+                self._flush(dirty.pop())
             now = time.monotonic()
             if now >= self._next_timer:
                 self._next_timer = self._timers(now)
-            if self._events or (spin and now < self._busy_until):
+            cap = min(MAX_WAIT, max(0.0, self._next_timer - now))
+            if wait is None or wait > cap:
+                wait = cap
+            if self._events:
                 wait = 0.0
-            else:
-                cap = min(MAX_WAIT, max(0.0, self._next_timer - now))
-                if wait is None or wait > cap:
-                    wait = cap
+            elif spin and now < self._busy_until and wait > 0.0:
+                # busy-poll (p2p_loop_busy_wait_before_sleep_ms after activity): a tight loop, no locks
+                spin_until = min(self._busy_until, now + wait)
+                wait = 0.0
             self._in_select = True
         try:
             ready = self._ep.poll(wait)
+            if not ready and spin_until:
+                ep_poll = self._ep.poll
+                monotonic = time.monotonic
+                while not ready and not dirty and monotonic() < spin_until:
+                    ready = ep_poll(0)
         except OSError:
             ready = []
         finally:
