@@ -107,7 +107,7 @@ def test_many_small_messages_are_batched_and_ordered():
         pump([a, b], lambda g: any(isinstance(e, PeerConnected) for e in g[2]))
         for seq in range(3000):
             assert a.try_send(2, [payload(1, 0, seq, 16 + seq % 50)])
-        assert a.queued(2) == 3000  # corked until the next poll
+        assert a.queued(2) >= 2999  # the first may go at once, the rest are corked until the next poll
         got = pump([a, b], lambda g: sum(isinstance(e, MessageReceived) for e in g[2]) >= 3000)
         seqs = [int.from_bytes(bytes(e.data)[8:16], "little") for e in got[2] if isinstance(e, MessageReceived)]
         assert seqs == list(range(3000))
