@@ -64,3 +64,18 @@ clean:
 # mypy --strict on the modules listed in pyproject.toml [tool.mypy] (run by make lint).
 typecheck: setup
 	$(VENV)/bin/mypy
+
+.PHONY: dist version
+# Wheel and sdist of each of the six distributions into dist/ (python -m build, isolated;
+# BUILD_FLAGS=--no-isolation builds with the setuptools/cffi of .venv instead, offline).
+DISTS := . $(patsubst %/,%,$(PLUGINS))
+dist: setup
+	$(PY) scripts/versions.py check
+	rm -rf dist
+	@for d in $(DISTS); do echo "building $$d"; $(PY) -m build $(BUILD_FLAGS) --outdir dist $$d >/dev/null || exit 1; done
+	@ls dist
+
+# One version for all six distributions: make version V=0.2.0 (see scripts/versions.py).
+version:
+	@test -n "$(V)" || { echo "usage: make version V=x.y.z"; exit 2; }
+	$(PYTHON) scripts/versions.py set $(V)
