@@ -106,6 +106,7 @@ class ProviderInfo:
     inject_size: int
     iov_limit: int
     max_msg_size: int
+    msg_order: int = 0
 
 
 def _c_str(ffi: Any, p: Any) -> str:
@@ -120,6 +121,8 @@ def _make_hints(ffi: Any, lib: Any, provider: str | None, domain: str | None, ca
     hints.caps = caps
     hints.mode = 0  # we support no mode bits (FI_CONTEXT, FI_MSG_PREFIX): no provider here needs one
     hints.ep_attr.type = lib.FI_EP_RDM
+    hints.tx_attr.msg_order = lib.FI_ORDER_SAS  # per-peer FIFO of messages
+    hints.rx_attr.msg_order = lib.FI_ORDER_SAS
     hints.domain_attr.threading = lib.FI_THREAD_SAFE
     hints.domain_attr.data_progress = lib.FI_PROGRESS_MANUAL
     hints.domain_attr.control_progress = lib.FI_PROGRESS_UNSPEC
@@ -154,6 +157,7 @@ def _info_of(ffi: Any, info: Any) -> ProviderInfo:
         inject_size=int(info.tx_attr.inject_size),
         iov_limit=int(info.tx_attr.iov_limit),
         max_msg_size=int(info.ep_attr.max_msg_size),
+        msg_order=int(info.tx_attr.msg_order),
     )
 
 

@@ -77,10 +77,16 @@ from . import fabric as fab
 
 log = logging.getLogger("derecho.transport.verbs")
 
-#: message header: sender node id, receiver's epoch, kind, length
-HDR = struct.Struct("<IIB7xQ")
-K_EAGER = 1
-K_RNDV = 2
+#: message header: sender node id, receiver's epoch, kind, aux (sequence of a large message), length
+HDR = struct.Struct("<IIB3xIQ")
+K_EAGER = 1  # payload follows in the same frame
+K_RNDV = 2  # payload follows as a tagged message (tag = receiver's epoch << 32 | aux)
+K_RTS = 3  # "I have `length` bytes for you" (RMA-write protocol)
+K_CTS = 4  # "write them here": body = key u64, remote base u64
+K_DONE = 5  # the writes of message `aux` are complete
+CTS_BODY = struct.Struct("<QQ")
+#: large messages: "write" (receiver-provided buffer, one-sided writes; needs FI_RMA) or "tagged" (rendezvous)
+LARGE_PROTOCOL = os.environ.get("DERECHO_VERBS_LARGE", "write")
 #: handshake extra: epoch, eager buffer size, name length, provider length
 EXTRA = struct.Struct("<IIHH")
 #: RMA descriptor: key, remote base, length
@@ -92,6 +98,7 @@ BYE = CTRL.pack(0, C_BYE)
 MAX_CTRL_BODY = 4096
 DEFAULT_EAGER_SIZE = 16384
 SLEEP_SLICE = 0.001
+_DONE_AFTER = object()  # token of the last write of a large message when DONE must wait for its completion
 #: small frames go out with fi_inject (no completion to reap) up to what the provider grants of this
 INJECT_WISH = 1024
 #: longest single sleep when the CQ has a wait fd (timers are checked at least this often)
@@ -107,7 +114,8 @@ class _Conn:
 
     __slots__ = ("sock", "role", "node_id", "handshake", "state", "created", "fi_addr", "epoch", "peer_epoch",
                  "peer_eager", "inflight", "inflight_bytes", "backlog", "last_progress", "rx_queue", "large_seq",
-                 "incarnation", "peer_address", "out", "bye_sent", "pending_rx", "target", "rx_large_seq", "ctrl_buf")
+                 "incarnation", "peer_address", "out", "bye_sent", "pending_rx", "target", "rx_large_seq", "ctrl_buf",
+                 "rts_pending", "rts_rx")
 
     def __init__(self, sock: socket.socket, role: str, node_id: int | None, target: Address | None = None):
         self.sock = sock
@@ -127,6 +135,8 @@ class _Conn:
         self.rx_queue: collections.deque = collections.deque()  # [data or None (pending large)]
         self.large_seq = 0
         self.rx_large_seq = 0
+        self.rts_pending: dict = {}  # seq -> (data op, parts, cbufs): sent RTS, waiting for CTS
+        self.rts_rx: dict = {}  # seq -> rx_queue slot [data, buf, mr]: sent CTS, waiting for DONE
         self.ctrl_buf = b""
         self.incarnation = 0
         self.peer_address: Address | None = None
@@ -137,7 +147,7 @@ class _Conn:
 
 
 class _Op:
-    __slots__ = ("conn", "kind", "refs", "nbytes", "token", "slot", "mr")
+    __slots__ = ("conn", "kind", "refs", "nbytes", "token", "slot", "mr", "seq")
 
     def __init__(self, conn: _Conn | None, kind: str, refs: Any = None, nbytes: int = 0, token: Any = None):
         self.conn = conn
@@ -147,6 +157,7 @@ class _Op:
         self.token = token
         self.slot = None
         self.mr = None
+        self.seq = 0
 
 
 class VerbsTransport(Transport):
@@ -206,6 +217,9 @@ class VerbsTransport(Transport):
         if self.ep.needs_local_mr:
             self.inject_size = 0
         self.rma = _VerbsRMA(self) if self.ep.has_rma else None
+        self._large_write = self.ep.has_rma and LARGE_PROTOCOL == "write"
+        #: send-after-write order: a DONE posted after the writes arrives after their data
+        self._saw = bool(self.ep.info.msg_order & self._lib.FI_ORDER_SAW)
         self._lock = threading.RLock()
         self._closed = False
         self._sel = selectors.DefaultSelector()
@@ -606,6 +620,11 @@ class VerbsTransport(Transport):
         c.state = "dead"
         c.backlog.clear()
         c.rx_queue.clear()
+        for slot in c.rts_rx.values():
+            if slot[2] is not None and not self._closed:
+                slot[2].close()
+        c.rts_rx.clear()
+        c.rts_pending.clear()
 
     def _cancel_for(self, c: _Conn) -> None:
         lib, ffi = self._lib, self._ffi
@@ -673,7 +692,7 @@ class VerbsTransport(Transport):
             if frame <= self.inject_size and not c.backlog and frame <= c.peer_eager:
                 # fast path: build the frame in a scratch buffer and inject it (no completion, no op)
                 buf = self._scratch
-                HDR.pack_into(buf, 0, self.node_id, c.peer_epoch, K_EAGER, size)
+                HDR.pack_into(buf, 0, self.node_id, c.peer_epoch, K_EAGER, 0, size)
                 off = HDR.size
                 for x in buffers:
                     n = len(x)
@@ -688,7 +707,7 @@ class VerbsTransport(Transport):
                 c.last_progress = time.monotonic()
             if size + HDR.size <= c.peer_eager:
                 buf, cbuf, mr = self._slot()
-                HDR.pack_into(buf, 0, self.node_id, c.peer_epoch, K_EAGER, size)
+                HDR.pack_into(buf, 0, self.node_id, c.peer_epoch, K_EAGER, 0, size)
                 off = HDR.size
                 for v in views:
                     n = len(v)
@@ -698,14 +717,12 @@ class VerbsTransport(Transport):
                 op.slot = (buf, cbuf, mr)
                 post = ("send", cbuf, off, mr.desc if mr else None)
                 self._post_or_queue(c, op, post)
+            elif self._large_write:
+                self._send_rts(c, [v for v in views if len(v)], size)
             else:
                 seq = c.large_seq
                 c.large_seq = (seq + 1) & 0xFFFFFFFF
-                buf, cbuf, mr = self._slot()
-                HDR.pack_into(buf, 0, self.node_id, c.peer_epoch, K_RNDV, size)
-                op = _Op(c, "send", None, 0)
-                op.slot = (buf, cbuf, mr)
-                self._post_or_queue(c, op, ("send", cbuf, HDR.size, mr.desc if mr else None), count=False)
+                self._send_ctrl(c, K_RNDV, seq, size)
                 tag = (c.peer_epoch << 32) | seq
                 parts = [v for v in views if len(v)]
                 ffi = self._ffi
@@ -728,6 +745,83 @@ class VerbsTransport(Transport):
                     self._post_or_queue(c, _Op(c, "send", (parts, cbufs, iov), size),
                                         ("tsendv", iov, len(parts), None, tag))
             return True
+
+    def _send_ctrl(self, c: _Conn, kind: int, aux: int, length: int, body: bytes = b"") -> None:
+        """A header-only frame (RNDV, RTS, CTS, DONE): not counted in the peer's queue."""
+        buf, cbuf, mr = self._slot()
+        HDR.pack_into(buf, 0, self.node_id, c.peer_epoch, kind, aux, length)
+        if body:
+            buf[HDR.size:HDR.size + len(body)] = body
+        op = _Op(c, "send", None, 0)
+        op.slot = (buf, cbuf, mr)
+        self._post_or_queue(c, op, ("send", cbuf, HDR.size + len(body), mr.desc if mr else None), count=False)
+
+    def _send_rts(self, c: _Conn, parts: list, size: int) -> None:
+        """RMA-write protocol, sender: announce; the data waits (referenced, counted) for the CTS."""
+        seq = c.large_seq
+        c.large_seq = (seq + 1) & 0xFFFFFFFF
+        ffi = self._ffi
+        if self.ep.needs_local_mr or (len(parts) > 1 and not self._saw):
+            # one registered copy; or one write, so that its completion covers the whole message
+            data = bytearray(b"".join(parts))
+            parts = [data]
+        cbufs = [ffi.from_buffer(p) for p in parts]
+        op = _Op(c, "write", (parts, cbufs), size)
+        if self.ep.needs_local_mr:
+            op.mr = self.ep.register(parts[0])
+        c.rts_pending[seq] = op
+        self._send_ctrl(c, K_RTS, seq, size)
+
+    def _on_cts(self, c: _Conn, seq: int, length: int, body: bytes) -> None:
+        op = c.rts_pending.pop(seq, None)
+        if op is None or length != op.nbytes or len(body) != CTS_BODY.size:
+            self._garbage_frame(c, f"unexpected CTS for large message {seq}")
+            return
+        key, base = CTS_BODY.unpack(body)
+        parts, cbufs = op.refs
+        desc = op.mr.desc if op.mr else None
+        off = 0
+        last = len(cbufs) - 1
+        for i, cb in enumerate(cbufs):  # bounds: the parts add up to `length`, the receiver's buffer size
+            n = len(cb)
+            if i == last:
+                wop = op
+                wop.token = _DONE_AFTER if not self._saw else None
+                wop.kind = "lwrite"
+                wop.seq = seq
+            else:
+                wop = _Op(c, "lwrite", None, -1)
+                wop.seq = seq
+            self._post_or_queue(c, wop, ("write", cb, n, desc, base + off, key, not self._saw),
+                                count=(i == last))
+            off += n
+        if not cbufs:  # cannot happen: large messages are never empty
+            return
+        if self._saw:  # the provider delivers a send after the writes posted before it
+            self._send_ctrl(c, K_DONE, seq, length)
+
+    def _on_rts(self, c: _Conn, seq: int, length: int) -> None:
+        buf = bytearray(length)
+        mr = self.ep.register(buf, self._lib.FI_REMOTE_WRITE | self._lib.FI_WRITE | self._lib.FI_RECV)
+        slot = [None, buf, mr]
+        c.rx_queue.append(slot)
+        c.rts_rx[seq] = slot
+        self._send_ctrl(c, K_CTS, seq, length, CTS_BODY.pack(mr.key, mr.remote_base))
+
+    def _on_done(self, c: _Conn, seq: int) -> None:
+        slot = c.rts_rx.pop(seq, None)
+        if slot is None:
+            self._garbage_frame(c, f"unexpected DONE for large message {seq}")
+            return
+        slot[2].close()
+        slot[0] = memoryview(slot[1])
+        slot[2] = None
+        self._deliver_ready(c)
+
+    def _garbage_frame(self, c: _Conn, what: str) -> None:
+        exc = FrameError(f"node {c.node_id}: {what}; closing the connection", node_id=c.node_id)
+        log.warning("%s", exc)
+        self._fail_conn(c, str(exc), clean=False)
 
     def _post_or_queue(self, c: _Conn, op: _Op, post: tuple, count: bool = True) -> None:
         if not count:
@@ -818,17 +912,16 @@ class VerbsTransport(Transport):
                 log.warning("dropping a %d-byte libfabric message: shorter than a header", n)
                 self._repost(op)
                 return
-            src, epoch, k, length = HDR.unpack_from(buf, 0)
+            src, epoch, k, aux, length = HDR.unpack_from(buf, 0)
             if k == K_EAGER:
-                if length != n - HDR.size:
-                    payload = None
-                else:
-                    payload = bytes(op.slot[HDR.size:n])
+                payload = bytes(op.slot[HDR.size:n]) if length == n - HDR.size else None
+            elif k == K_CTS:
+                payload = (aux, length, bytes(op.slot[HDR.size:n]))
             else:
-                payload = length
+                payload = (aux, length) if n == HDR.size else None
             self._repost(op)
             c = self._by_epoch.get(epoch)
-            if c is None or c.node_id != src or payload is None or k not in (K_EAGER, K_RNDV):
+            if c is None or c.node_id != src or payload is None or not K_EAGER <= k <= K_DONE:
                 log.warning("dropping a libfabric message that claims to come from node %d: unknown "
                             "connection or malformed frame", src)
                 return
@@ -869,6 +962,8 @@ class VerbsTransport(Transport):
             return
         if kind == "write" and op.token is not None:
             self._events.append(RMAWriteCompleted(c.node_id, op.token))
+        elif kind == "lwrite" and op.token is _DONE_AFTER:  # delivery complete: now tell the receiver
+            self._send_ctrl(c, K_DONE, op.seq, op.nbytes)
 
     def _on_message(self, c: _Conn, k: int, payload: Any) -> None:
         if k == K_EAGER:
@@ -877,19 +972,31 @@ class VerbsTransport(Transport):
             else:
                 self._events.append(MessageReceived(c.node_id, memoryview(payload)))
             return
-        length = payload
+        if k == K_CTS:
+            self._on_cts(c, *payload)
+            return
+        if k == K_DONE:
+            self._on_done(c, payload[0])
+            return
+        seq, length = payload
         if length > self.max_message_size:
             exc = FrameError(f"node {c.node_id} announced a message of {length} bytes, more than "
                              f"max_message_size {self.max_message_size}; closing the connection", node_id=c.node_id)
             log.warning("%s", exc)
             self._fail_conn(c, str(exc), clean=False)
             return
+        if k == K_RTS:
+            if not self.ep.has_rma:
+                self._garbage_frame(c, "RMA-write protocol used but this provider has no FI_RMA")
+                return
+            self._on_rts(c, seq, length)
+            return
         buf = bytearray(length)
         cbuf = self._ffi.from_buffer(buf)
         slot = [None, buf]
         c.rx_queue.append(slot)
         op = _Op(c, "trecv", slot)
-        tag = (c.epoch << 32) | self._rx_seq(c)
+        tag = (c.epoch << 32) | seq
         mr = self.ep.register(buf) if self.ep.needs_local_mr else None
         op.mr = mr
         ctx = self._ctx(op)
