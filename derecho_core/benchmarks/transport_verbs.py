@@ -86,14 +86,22 @@ def _conf(provider: str, busy_wait_ms: int | None) -> Any:
     return Conf.load(overrides=o, environ={})
 
 
+_SERVED: list[Any] = []
+
+
 def _serve_verbs(provider: str, port_out: Any, busy_wait_ms: int | None) -> None:
-    from ..transport import MessageReceived, open_transport
+    from ..transport import MessageReceived, TransportClosedError, open_transport
 
     t = open_transport(_conf(provider, busy_wait_ms), 2, (HOST, 0), provider)
+    _SERVED.append(t)
     port_out(t.listen()[1])
     region = None
     while True:
-        for ev in t.poll(1.0):
+        try:
+            evs = t.poll(1.0)
+        except TransportClosedError:
+            return
+        for ev in evs:
             if not isinstance(ev, MessageReceived):
                 continue
             data = ev.data
@@ -123,6 +131,11 @@ def _server_main(argv: list[str]) -> int:
 
     def watch_stdin() -> None:
         sys.stdin.read()
+        for t in _SERVED:  # close the endpoint: shm would leave its file in /dev/shm otherwise
+            try:
+                t.close()
+            except Exception:  # noqa: BLE001
+                pass
         os._exit(0)
 
     threading.Thread(target=watch_stdin, daemon=True).start()
@@ -148,6 +161,12 @@ class _Server:
         self.port = int(line)
 
     def stop(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin:
+            try:
+                self.proc.stdin.close()  # the server closes its transport and exits
+                self.proc.wait(3)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
