@@ -22,6 +22,7 @@ trims in.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -34,7 +35,7 @@ from abc import ABC, abstractmethod
 from array import array
 from bisect import bisect_left, bisect_right
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, TypeVar
 
 from .errors import DerechoError
 
@@ -165,8 +166,9 @@ class LogEntry(NamedTuple):
 class LogStore(ABC):
     """One append-only, versioned log. Stores subclass this (or duck-type it).
 
-    Not thread-safe on its own: the persistence layer serialises calls (the
-    engine's delivery and persistence steps), which keeps the hot path lock-free.
+    Thread-safe: each call holds the log's lock (see :func:`locked`), so one
+    thread may read while another appends and persists. Iteration takes the
+    lock per entry.
     """
 
     name: str
@@ -254,6 +256,25 @@ class LogStore(ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def locked(fn: _F) -> _F:
+    """Run a store method holding the store's ``_mutex`` (an ``RLock``).
+
+    The group layer may read a log on its delivery thread while its
+    persistence step appends or persists on another; one lock per log keeps
+    each call whole, for the price of an uncontended acquire.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._mutex:
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- shared in-memory index

@@ -243,3 +243,41 @@ def test_distinct_names_are_distinct_logs(open_log):
     a.append(1, 1, b"a")
     b.append(1, 1, b"b")
     assert a.get_by_index(0).data == b"a" and b.get_by_index(0).data == b"b"
+
+
+def test_a_reader_thread_beside_the_writer(open_log):
+    import threading
+
+    def data(v):
+        return bytes([v % 251]) * (70000 if v % 50 == 0 else v % 300)
+
+    log = open_log()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader():
+        try:
+            while not stop.is_set():
+                if len(log):
+                    e = log.get_by_index(-1)
+                    assert e.data == data(e.version)
+                for e in log:
+                    assert e.data == data(e.version)
+                    break
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for v in range(1, 1501):
+            log.append(v, v, data(v))
+            if v % 7 == 0:
+                log.persist()
+            if v % 400 == 0:
+                log.trim(v - 100)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not errors, errors
+    assert log.latest_version == 1500 and log.earliest_version == 1101

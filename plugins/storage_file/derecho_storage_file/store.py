@@ -46,6 +46,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 import time
 from array import array
 from pathlib import Path
@@ -68,6 +69,7 @@ from derecho_core.storage import (
     StorageError,
     check_append,
     ensure_dir,
+    locked,
     fsync_dir,
     safe_log_name,
 )
@@ -165,6 +167,7 @@ class FileLogStore(LogStore):
         self._max_bytes = max_bytes
         self._index_sync_interval = index_sync_interval
         self._closed = True
+        self._mutex = threading.RLock()
         self._lfd = self._dfd = self._ifd = -1
         #: what opening found and cut, for ``derecho log verify`` and tests
         self.recovery: dict[str, Any] = {"cut_entries": 0, "cut_bytes": 0, "recovered_from_data": 0}
@@ -440,6 +443,7 @@ class FileLogStore(LogStore):
         if self.readonly:
             raise StorageError(f"log {self.name!r} is open read-only")
 
+    @locked
     def append(self, version: int, timestamp: HLC | int, data: bytes | bytearray | memoryview) -> int:
         # the hot path: local operations only, one pack and two checksums per entry
         if self._closed or self.readonly:
@@ -532,6 +536,7 @@ class FileLogStore(LogStore):
                       "(it will be checked and cut when the log is next opened)", self.data_path, exc)
         return self.latest_version
 
+    @locked
     def persist(self, up_to_version: int | None = None) -> int:
         if self._closed:
             raise LogClosedError(f"log {self.name!r} is closed")
@@ -581,6 +586,7 @@ class FileLogStore(LogStore):
         self._idx_dirty = False
         self._last_idx_sync = time.monotonic()
 
+    @locked
     def trim(self, version: int) -> int:
         self._check_writable()
         self.persist()
@@ -599,6 +605,7 @@ class FileLogStore(LogStore):
         _punch_hole(self._ifd, FILE_HDR, FILE_HDR + idx.head * REC)
         return count
 
+    @locked
     def truncate(self, version: int) -> int:
         self._check_writable()
         self.persist()
@@ -622,6 +629,7 @@ class FileLogStore(LogStore):
         self._synced_tail = idx.tail
         return dropped
 
+    @locked
     def close(self) -> None:
         if self._closed:
             return
@@ -658,22 +666,33 @@ class FileLogStore(LogStore):
             raise LogCorruptionError(self.data_path, off, "payload fails its checksum (changed since open)")
         return LogEntry(self._idx.head + pos, version, HLC(us, lg), payload)
 
+    @locked
     def get_by_index(self, index: int) -> LogEntry:
         self._check_open()
         return self._read(self._idx.pos_of_index(index))
 
+    @locked
     def get_by_version(self, version: int, exact: bool = False) -> LogEntry:
         self._check_open()
         return self._read(self._idx.pos_of_version(version, exact))
 
+    @locked
     def get_by_time(self, timestamp: HLC | int) -> LogEntry:
         self._check_open()
         return self._read(self._idx.pos_of_time(timestamp if type(timestamp) is HLC else HLC.coerce(timestamp)))
 
     def __iter__(self) -> Iterator[LogEntry]:
-        self._check_open()
-        for pos in range(len(self._idx)):
-            yield self._read(pos)
+        index = self.earliest_index
+        while True:
+            with self._mutex:  # per entry: a writer may go on between two
+                self._check_open()
+                idx = self._idx
+                index = max(index, idx.head)  # trimmed meanwhile
+                if index >= idx.tail:
+                    return
+                entry = self._read(index - idx.head)
+            yield entry
+            index += 1
 
     def _check_open(self) -> None:
         if self._closed:
@@ -681,11 +700,13 @@ class FileLogStore(LogStore):
 
     # ------------------------------------------------------------------ metadata
     @property
+    @locked
     def latest_version(self) -> int:
         self._check_open()
         return self._idx.versions[-1] if self._idx.versions else self._floor
 
     @property
+    @locked
     def latest_persisted_version(self) -> int:
         self._check_open()
         idx = self._idx
@@ -693,17 +714,25 @@ class FileLogStore(LogStore):
             return idx.versions[self._synced_tail - 1 - idx.head]
         return self._floor  # trim persists first, so everything trimmed was persisted
 
+    @locked
+    def __len__(self) -> int:
+        self._check_open()
+        return len(self._idx)
+
     @property
+    @locked
     def earliest_index(self) -> int:
         self._check_open()
         return self._idx.head
 
     @property
+    @locked
     def next_index(self) -> int:
         self._check_open()
         return self._idx.tail
 
     @property
+    @locked
     def data_bytes(self) -> int:
         """Bytes the retained entries take in the data file (headers included)."""
         return self._end - self._head_offset

@@ -21,6 +21,7 @@ from derecho_core.storage import (
     LogLockedError,
     LogStore,
     check_append,
+    locked,
 )
 
 
@@ -54,6 +55,7 @@ class MemLogStore(LogStore):
                 _LOGS[self._key] = state
             state.open = True
         self._s: _State | None = state
+        self._mutex = threading.RLock()
         self._max_entries = max_entries
         self._max_bytes = max_bytes
 
@@ -78,6 +80,7 @@ class MemLogStore(LogStore):
         return self._s
 
     # ------------------------------------------------------------------ writes
+    @locked
     def append(self, version: int, timestamp: HLC | int, data: bytes | bytearray | memoryview) -> int:
         s = self._state
         check_append(self.latest_version, version, self.name)
@@ -91,11 +94,13 @@ class MemLogStore(LogStore):
         s.data_bytes += len(blob)
         return s.index.tail - 1
 
+    @locked
     def persist(self, up_to_version: int | None = None) -> int:
         s = self._state
         s.persisted_tail = s.index.tail
         return self.latest_persisted_version
 
+    @locked
     def trim(self, version: int) -> int:
         s = self._state
         count = 0 if not len(s.index) or version < s.index.versions[0] else s.index.pos_of_version(version) + 1
@@ -107,6 +112,7 @@ class MemLogStore(LogStore):
         s.persisted_tail = s.index.tail  # as in the file store, trim makes the log durable first
         return count
 
+    @locked
     def truncate(self, version: int) -> int:
         s = self._state
         keep = 0 if not len(s.index) or version < s.index.versions[0] else s.index.pos_of_version(version) + 1
@@ -118,6 +124,7 @@ class MemLogStore(LogStore):
         s.persisted_tail = s.index.tail  # as in the file store, truncate leaves the log durable
         return dropped
 
+    @locked
     def close(self) -> None:
         if self._s is None:
             return
@@ -131,38 +138,56 @@ class MemLogStore(LogStore):
         s = self._state
         return LogEntry(s.index.head + pos, s.index.versions[pos], s.index.timestamp(pos), s.data[pos])
 
+    @locked
     def get_by_index(self, index: int) -> LogEntry:
         return self._entry(self._state.index.pos_of_index(index))
 
+    @locked
     def get_by_version(self, version: int, exact: bool = False) -> LogEntry:
         return self._entry(self._state.index.pos_of_version(version, exact))
 
+    @locked
     def get_by_time(self, timestamp: HLC | int) -> LogEntry:
         return self._entry(self._state.index.pos_of_time(HLC.coerce(timestamp)))
 
     def __iter__(self) -> Iterator[LogEntry]:
-        s = self._state
-        for pos in range(len(s.index)):
-            yield self._entry(pos)
+        index = self.earliest_index
+        while True:
+            with self._mutex:  # per entry: a writer may go on between two
+                idx = self._state.index
+                index = max(index, idx.head)
+                if index >= idx.tail:
+                    return
+                entry = self._entry(index - idx.head)
+            yield entry
+            index += 1
 
     # ------------------------------------------------------------------ metadata
     @property
+    @locked
     def latest_version(self) -> int:
         s = self._state
         return s.index.versions[-1] if len(s.index) else s.floor_version
 
     @property
+    @locked
     def latest_persisted_version(self) -> int:
         s = self._state
         if s.persisted_tail > s.index.head:
             return s.index.versions[s.persisted_tail - 1 - s.index.head]
         return s.floor_version  # trimming persists first, so everything trimmed was persisted
 
+    @locked
+    def __len__(self) -> int:
+        return len(self._state.index)
+
     @property
+    @locked
     def earliest_index(self) -> int:
         return self._state.index.head
 
     @property
+    @locked
     def next_index(self) -> int:
         return self._state.index.tail
 
