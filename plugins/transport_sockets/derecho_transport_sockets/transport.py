@@ -219,6 +219,7 @@ class SocketsTransport(Transport):
         self._closed = False
         self._pool: list[bytearray] = []
         self._gen = 0  # poll rounds: the first small message to an idle peer in a round is written at once
+        self._bulk = False  # a large message is arriving: sleep in epoll rather than spin (bigger reads)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -468,7 +469,7 @@ class SocketsTransport(Transport):
                 wait = cap
             if self._events:
                 wait = 0.0
-            elif spin and now < self._busy_until and wait > 0.0:
+            elif spin and now < self._busy_until and wait > 0.0 and not self._bulk:
                 # busy-poll (p2p_loop_busy_wait_before_sleep_ms after activity): a tight loop, no locks
                 spin_until = min(self._busy_until, now + wait)
                 wait = 0.0
@@ -793,6 +794,7 @@ class SocketsTransport(Transport):
     def _read(self, conn: _Conn) -> None:
         sock = conn.sock
         budget = BIG_READ_CAP
+        self._bulk = False
         while budget > 0:
             try:
                 if conn.big is not None:
@@ -802,6 +804,7 @@ class SocketsTransport(Transport):
                         self._compact(conn)
                     n = sock.recv_into(conn.rmv[conn.rend:])  # type: ignore[index]
             except (BlockingIOError, InterruptedError):
+                self._bulk = conn.big is not None
                 return
             except OSError as exc:
                 self._fail(conn, f"connection error: {exc.strerror or exc}")
