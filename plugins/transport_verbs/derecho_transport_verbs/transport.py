@@ -85,6 +85,8 @@ K_RTS = 3  # "I have `length` bytes for you" (RMA-write protocol)
 K_CTS = 4  # "write them here": body = key u64, remote base u64
 K_DONE = 5  # the writes of message `aux` are complete
 CTS_BODY = struct.Struct("<QQ")
+#: bytes of large messages a receiver lets one peer write at once (one message always fits)
+RX_WINDOW = 64 << 20
 #: large messages: "write" (receiver-provided buffer, one-sided writes; needs FI_RMA) or "tagged" (rendezvous)
 LARGE_PROTOCOL = os.environ.get("DERECHO_VERBS_LARGE", "write")
 #: handshake extra: epoch, eager buffer size, name length, provider length
@@ -115,7 +117,7 @@ class _Conn:
     __slots__ = ("sock", "role", "node_id", "handshake", "state", "created", "fi_addr", "epoch", "peer_epoch",
                  "peer_eager", "inflight", "inflight_bytes", "backlog", "last_progress", "rx_queue", "large_seq",
                  "incarnation", "peer_address", "out", "bye_sent", "pending_rx", "target", "rx_large_seq", "ctrl_buf",
-                 "rts_pending", "rts_rx")
+                 "rts_pending", "rts_rx", "rts_wait", "granted")
 
     def __init__(self, sock: socket.socket, role: str, node_id: int | None, target: Address | None = None):
         self.sock = sock
@@ -137,6 +139,8 @@ class _Conn:
         self.rx_large_seq = 0
         self.rts_pending: dict = {}  # seq -> (data op, parts, cbufs): sent RTS, waiting for CTS
         self.rts_rx: dict = {}  # seq -> rx_queue slot [data, buf, mr]: sent CTS, waiting for DONE
+        self.rts_wait: collections.deque = collections.deque()  # (seq, length, slot) not granted yet
+        self.granted = 0  # bytes granted by CTS and not yet DONE
         self.ctrl_buf = b""
         self.incarnation = 0
         self.peer_address: Address | None = None
@@ -625,6 +629,7 @@ class VerbsTransport(Transport):
                 slot[2].close()
         c.rts_rx.clear()
         c.rts_pending.clear()
+        c.rts_wait.clear()
 
     def _cancel_for(self, c: _Conn) -> None:
         lib, ffi = self._lib, self._ffi
@@ -801,12 +806,24 @@ class VerbsTransport(Transport):
             self._send_ctrl(c, K_DONE, seq, length)
 
     def _on_rts(self, c: _Conn, seq: int, length: int) -> None:
-        buf = bytearray(length)
-        mr = self.ep.register(buf, self._lib.FI_REMOTE_WRITE | self._lib.FI_WRITE | self._lib.FI_RECV)
-        slot = [None, buf, mr]
-        c.rx_queue.append(slot)
-        c.rts_rx[seq] = slot
-        self._send_ctrl(c, K_CTS, seq, length, CTS_BODY.pack(mr.key, mr.remote_base))
+        slot = [None, None, None]
+        c.rx_queue.append(slot)  # its place in the peer's FIFO
+        c.rts_wait.append((seq, length, slot))
+        self._grant(c)
+
+    def _grant(self, c: _Conn) -> None:
+        """Answer RTSs in order while the peer's granted bytes stay under RX_WINDOW (always one at least)."""
+        while c.rts_wait:
+            seq, length, slot = c.rts_wait[0]
+            if c.granted and c.granted + length > RX_WINDOW:
+                return
+            c.rts_wait.popleft()
+            buf = bytearray(length)
+            mr = self.ep.register(buf, self._lib.FI_REMOTE_WRITE | self._lib.FI_WRITE | self._lib.FI_RECV)
+            slot[1], slot[2] = buf, mr
+            c.rts_rx[seq] = slot
+            c.granted += length
+            self._send_ctrl(c, K_CTS, seq, length, CTS_BODY.pack(mr.key, mr.remote_base))
 
     def _on_done(self, c: _Conn, seq: int) -> None:
         slot = c.rts_rx.pop(seq, None)
@@ -816,7 +833,9 @@ class VerbsTransport(Transport):
         slot[2].close()
         slot[0] = memoryview(slot[1])
         slot[2] = None
+        c.granted -= len(slot[1])
         self._deliver_ready(c)
+        self._grant(c)
 
     def _garbage_frame(self, c: _Conn, what: str) -> None:
         exc = FrameError(f"node {c.node_id}: {what}; closing the connection", node_id=c.node_id)

@@ -450,3 +450,29 @@ def test_shm_provider_messages_and_rma():
     finally:
         b.close()
         a.close()
+
+
+@pytest.mark.timeout(30)
+def test_receiver_grants_large_messages_within_its_window(pair):
+    """A sender announcing many large messages cannot make the receiver allocate them all at once."""
+    from derecho_core.transport import MessageReceived
+    from derecho_transport_verbs import transport as vt
+
+    a, b = pair
+    if not b._large_write:
+        pytest.skip("RMA-write protocol not in use")
+    big = bytes(16 << 20)
+    peak = 0
+    got = []
+    sent = 0
+    deadline = time.monotonic() + 20
+    while len(got) < 8 and time.monotonic() < deadline:
+        if sent < 8 and b.try_send(1, [big]):  # 128 MiB in all; up to max_queued_bytes announced at once
+            sent += 1
+        got += _msgs(a.poll(0.001), MessageReceived)
+        b.poll(0)
+        conn = a._peers.get(2)
+        if conn is not None:
+            peak = max(peak, conn.granted)
+    assert len(got) == 8 and all(len(m.data) == len(big) for m in got)
+    assert 0 < peak <= vt.RX_WINDOW
