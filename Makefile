@@ -23,7 +23,7 @@ $(STAMP): $(wildcard $(SETUP_INPUTS))
 	@$(MAKE) --no-print-directory system-packages
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip 'setuptools>=77' wheel cffi
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,docs]'
 	@for p in $(PLUGINS); do echo "installing $$p (editable)"; $(PIP) install --quiet --no-build-isolation -e $$p || exit 1; done
 	@touch $(STAMP)
 
@@ -79,3 +79,8 @@ dist: setup
 version:
 	@test -n "$(V)" || { echo "usage: make version V=x.y.z"; exit 2; }
 	$(PYTHON) scripts/versions.py set $(V)
+
+# The docs site (mkdocs.yml, material theme) into site/; the configuration and CLI references are
+# generated from the code during the build (docs/gen_reference.py).
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir site
