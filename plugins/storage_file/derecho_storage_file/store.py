@@ -39,7 +39,6 @@ prefix (where the file system allows), so a trim never rewrites the log.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import json
 import logging
@@ -139,11 +138,23 @@ def _punch_hole(fd: int, start: int, end: int) -> None:
         return
     try:
         if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            # the libc already loaded in this process: ctypes.util.find_library would run ldconfig in a
+            # subprocess, and a child forked at that moment inherits (and keeps) the log's lock
+            _libc = ctypes.CDLL(None, use_errno=True)
             _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, end - start)
     except (OSError, AttributeError):  # not Linux, or no fallocate: the space stays used, nothing breaks
         pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------- the store
@@ -253,6 +264,8 @@ class FileLogStore(LogStore):
             os.close(self._lfd)
             self._lfd = -1
             who = "this process" if owner == str(os.getpid()) else f"process {owner}"
+            if owner.isdigit() and owner != str(os.getpid()) and not _alive(int(owner)):
+                who += " (no longer running: a process it forked still holds the lock file open)"
             raise LogLockedError(f"log {self.name!r} in {self.directory} is already open by {who}; "
                                  "two writers would corrupt it (close the other one first)") from None
         os.ftruncate(self._lfd, 0)
