@@ -8,6 +8,7 @@ every persisted entry; the model then adopts what survived.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -180,6 +181,31 @@ class FileLogMachine(LogMachine):
         for e, m in zip(got, self.entries):
             assert (e.index, e.version, e.timestamp, e.data) == (m.index, m.version, m.ts, m.data)
         self.entries = self.entries[:len(got)]
+        self._persist_all()
+
+
+    @rule(garbage=st.binary(max_size=200), idx_keep=st.floats(0, 1))
+    def power_loss(self, garbage, idx_keep):
+        """Only what was synced survives: the data file up to the last persist (plus a torn write), and
+        any prefix of the index file (its records are synced lazily)."""
+        log = self.log
+        synced_end = log._synced_end
+        log._close_fds()
+        log._closed = True
+        with open(log.data_path, "r+b") as f:
+            f.truncate(synced_end)
+            f.seek(synced_end)
+            f.write(garbage)
+        size = os.path.getsize(log.idx_path)
+        with open(log.idx_path, "r+b") as f:
+            f.truncate(int(size * idx_keep))
+        self.log = self._open()
+        durable = self.persisted_tail - self.head
+        got = list(self.log)
+        assert len(got) == durable
+        for e, m in zip(got, self.entries):
+            assert (e.index, e.version, e.timestamp, e.data) == (m.index, m.version, m.ts, m.data)
+        self.entries = self.entries[:durable]
         self._persist_all()
 
 
