@@ -40,12 +40,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("build") is None,
 
 
 def _core_version() -> str:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import versions
-    finally:
-        sys.path.pop(0)
-    return versions.core_version(ROOT)
+    spec = importlib.util.spec_from_file_location("derecho_versions_script", ROOT / "scripts" / "versions.py")
+    assert spec is not None and spec.loader is not None
+    versions = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(versions)
+    return str(versions.core_version(ROOT))
 
 
 def _clean_env() -> dict[str, str]:
