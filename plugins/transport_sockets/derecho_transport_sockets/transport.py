@@ -112,7 +112,7 @@ class _Conn:
         "sock", "fd", "state", "initiator", "node_id", "dial", "hs", "hs_out", "deadline", "mask",
         "rbuf", "rmv", "rstart", "rend", "big", "big_mv", "big_got",
         "iov", "msg_ends", "queued_total", "sent_total", "last_progress", "peer_addr", "incarnation",
-        "remote", "gen",
+        "remote", "gen", "last_big",
     )
 
     def __init__(self, sock: socket.socket, initiator: bool, node_id: int | None, dial: Address | None):
@@ -141,6 +141,7 @@ class _Conn:
         self.peer_addr: Address | None = None
         self.incarnation = 0
         self.gen = -1
+        self.last_big = False
         try:
             self.remote = sock.getpeername()
         except OSError:
@@ -802,7 +803,12 @@ class SocketsTransport(Transport):
                 else:
                     if conn.rend == len(conn.rbuf):  # type: ignore[arg-type]
                         self._compact(conn)
-                    n = sock.recv_into(conn.rmv[conn.rend:])  # type: ignore[index]
+                    if conn.last_big and conn.rend == 0:
+                        # large messages stream in: read the next header alone, so the payload
+                        # goes straight into its own buffer instead of through rbuf (one copy less)
+                        n = sock.recv_into(conn.rmv[:FRAME.size])  # type: ignore[index]
+                    else:
+                        n = sock.recv_into(conn.rmv[conn.rend:])  # type: ignore[index]
             except (BlockingIOError, InterruptedError):
                 self._bulk = conn.big is not None
                 return
@@ -824,6 +830,7 @@ class SocketsTransport(Transport):
                     self._events.append(MessageReceived(conn.node_id, conn.big_mv))  # type: ignore[arg-type]
                     conn.big = conn.big_mv = None
                     conn.big_got = 0
+                    self._bulk = True  # more large messages probably follow: do not spin for them
                     return  # hand it over before the next large buffer is needed (lets buffers recycle)
                 continue
             conn.rend += n
@@ -861,8 +868,10 @@ class SocketsTransport(Transport):
             if avail >= length:
                 events.append(MessageReceived(node, rbuf[pos + hdr:pos + hdr + length]))  # type: ignore[arg-type]
                 pos += hdr + length
+                conn.last_big = length >= LARGE
                 continue
             if length >= LARGE or hdr + length > len(rbuf):
+                conn.last_big = True
                 big = self._big_buffer(length)
                 big[:avail] = rmv[pos + hdr:end]
                 conn.big, conn.big_mv, conn.big_got = big, memoryview(big), avail

@@ -120,3 +120,26 @@ def test_many_small_messages_are_batched_and_ordered():
 def test_bad_domain_is_a_clear_error():
     with pytest.raises(ValueError, match="neither an IP address nor a network interface"):
         SocketsTransport(make_conf({"RDMA/domain": "no-such-interface-xyz"}), 1, (HOST, 0))
+
+
+def test_mixed_small_and_large_messages_in_bursts():
+    import random
+
+    conf = make_conf({"RDMA/tx_depth": 1000})
+    a, b = SocketsTransport(conf, 1, (HOST, 0)), SocketsTransport(conf, 2, (HOST, 0))
+    a.listen()
+    b.listen()
+    try:
+        a.connect(2, b.address)
+        pump([a, b], lambda g: any(isinstance(e, PeerConnected) for e in g[2]))
+        rnd = random.Random(7)
+        sizes = [rnd.choice([16, 100, 65535, 65536, 70000, 200000, 300000, 1 << 20]) for _ in range(300)]
+        for seq, size in enumerate(sizes):
+            a.send(2, [payload(1, 0, seq, size)], timeout=10)
+        got = pump([a, b], lambda g: sum(isinstance(e, MessageReceived) for e in g[2]) >= len(sizes), 30)
+        msgs = [bytes(e.data) for e in got[2] if isinstance(e, MessageReceived)]
+        assert [len(m) for m in msgs] == sizes
+        assert all(m == payload(1, 0, seq, len(m)) for seq, m in enumerate(msgs))
+    finally:
+        a.close()
+        b.close()
