@@ -45,9 +45,11 @@ import logging
 import mmap
 import os
 import struct
+import sys
 import threading
 import time
 from array import array
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -235,9 +237,9 @@ class FileLogStore(LogStore):
         self._head_offset = head_offset
         self._pending = bytearray()
         self._ipending = bytearray()  # index records of the entries after _idx_written_tail
-        idx_covered = self._load_index(head, head_offset)
+        self._load_index(head, head_offset)
         end, cut = self._verify_indexed()
-        self._idx_written_tail = min(idx_covered, self._idx.tail)
+        self._idx_written_tail = self._idx.tail  # every entry kept so far has its record on disk
         if not cut:
             end = self._scan_tail(end)
         self._end = self._written = self._synced_end = end
@@ -313,43 +315,47 @@ class FileLogStore(LogStore):
                                f"reads {CHECKSUM_TAG.rstrip(bytes(1))!r} only")
         return False
 
-    def _load_index(self, head: int, head_offset: int) -> int:
-        """Read the index records from ``head`` on into memory; returns the index one past the last good one.
+    def _load_index(self, head: int, head_offset: int) -> None:
+        """Read the index records from ``head`` on into memory, up to the first one out of sequence.
 
-        The index only accelerates: any bad record ends it, and the data file
+        Records are copies of the entry headers, read field by field as
+        arrays (no per-record Python work but the sequence check); that each
+        one equals its entry's header is checked by ``_verify_indexed``. The
+        index only accelerates: where it ends or goes wrong, the data file
         fills in the rest (``_scan_tail``).
         """
         self._indexed_end = head_offset
+        self._idx_raw = b""
         if self._ifd < 0:
-            return head
+            return
         start = FILE_HDR + head * REC
         size = os.fstat(self._ifd).st_size
         raw = os.pread(self._ifd, max(0, size - start), start) if size > start else b""
-        versions, rtc, logic, offs = self._idx.versions, self._idx.rtc, self._idx.logic, self._off
-        expect_off = head_offset
-        last_version = self._floor
-        count = 0
-        for i in range(len(raw) // REC):
-            at = i * REC
-            hdr = _check_header(raw[at:at + REC])
-            if isinstance(hdr, str) or hdr[2] <= last_version:
-                if any(raw[at:at + REC]):
-                    log.warning("%s: index record %d at offset %d is damaged or stale; rebuilding the index "
-                                "from the data file from there", self.idx_path, head + i, start + at)
+        words = array("q")
+        words.frombytes(raw[:len(raw) // REC * REC])
+        if sys.byteorder != "little":
+            words.byteswap()
+        lengths, versions = words[1::6], words[2::6]
+        last, count = self._floor, 0
+        for version, length in zip(versions, lengths):
+            if version <= last or length < 0:
                 break
-            _, length, version, us, lg = hdr
-            versions.append(version)
-            rtc.append(us)
-            logic.append(lg)
-            offs.append(expect_off)
-            expect_off += HDR + length
-            last_version = version
+            last = version
             count += 1
-        self._indexed_end = expect_off
-        if count and any(rtc[i] > rtc[i + 1] or (rtc[i] == rtc[i + 1] and logic[i] > logic[i + 1])
-                         for i in range(count - 1)):
-            self._idx.time_sorted = False
-        return head + count
+        if count < len(versions) and any(raw[count * REC:(count + 1) * REC]):
+            log.warning("%s: index record %d at offset %d is out of sequence; rebuilding the index from the "
+                        "data file from there", self.idx_path, head + count, start + count * REC)
+        idx = self._idx
+        idx.versions = versions[:count]
+        idx.rtc = words[3::6][:count]
+        idx.logic = words[4::6][:count]
+        rtc, logic = idx.rtc, idx.logic
+        if any(rtc[i] > rtc[i + 1] or (rtc[i] == rtc[i + 1] and logic[i] > logic[i + 1]) for i in range(count - 1)):
+            idx.time_sorted = False
+        self._off = array("q", accumulate((HDR + n for n in lengths[:count - 1]), initial=head_offset)) \
+            if count else array("q")
+        self._indexed_end = (self._off[-1] + HDR + lengths[count - 1]) if count else head_offset
+        self._idx_raw = raw
 
     def _entry_end(self, pos: int) -> int:
         return self._off[pos + 1] if pos + 1 < len(self._off) else self._end
@@ -366,17 +372,39 @@ class FileLogStore(LogStore):
         lengths.append(self._indexed_end - self._off[-1] - HDR)
         first_bad: tuple[int, str] | None = None
         reader = _Reader(self._dfd, size)
+        raw, offs, view, crc = self._idx_raw, self._off, reader.view, _crc
         for pos in range(n):
-            off, length = self._off[pos], lengths[pos]
-            why = self._entry_problem(reader, off, length, pos)
+            off, length = offs[pos], lengths[pos]
+            at = pos * REC
+            why = None
+            if off + HDR + length > size:
+                why = f"missing: the file ends at {size}, before the entry's end {off + HDR + length}"
+            else:
+                chunk = view(off, HDR + length)
+                header = chunk[:HDR]
+                if header != raw[at:at + REC] or header[:4] != ENTRY_MAGIC:
+                    why = _check_header(header)
+                    if not isinstance(why, str) and first_bad is None:
+                        # a good entry header the index record does not copy: the index is what is wrong
+                        log.warning("%s: index record %d disagrees with its entry; rebuilding the index from "
+                                    "the data file from there", self.idx_path, self._idx.head + pos)
+                        self._idx.drop_back(pos)
+                        del offs[pos:]
+                        self._idx_raw = b""
+                        return off, False
+                    if not isinstance(why, str):
+                        why = "entry header disagrees with its index record"
+                elif crc(chunk[HDR:]) != _HDR_FULL.unpack_from(header)[1]:
+                    why = "payload fails its checksum"
             if why is None:
                 if first_bad is not None:
                     bad_pos, bad_why = first_bad
-                    raise LogCorruptionError(self.data_path, self._off[bad_pos],
+                    raise LogCorruptionError(self.data_path, offs[bad_pos],
                                              f"entry {self._idx.head + bad_pos} "
                                              f"(version {self._idx.versions[bad_pos]}): {bad_why}")
             elif first_bad is None:
                 first_bad = (pos, why)
+        self._idx_raw = b""
         if first_bad is None:
             return self._off[-1] + HDR + lengths[-1], False
         bad_pos, why = first_bad
@@ -386,18 +414,10 @@ class FileLogStore(LogStore):
         del self._off[bad_pos:]
         return cut_off, True
 
-    def _entry_problem(self, reader: _Reader, off: int, length: int, pos: int) -> str | None:
-        if off + HDR + length > reader.size:
-            return f"missing: the file ends at {reader.size}, before the entry's end {off + HDR + length}"
-        hdr = _check_header(reader.view(off, HDR))
-        if isinstance(hdr, str):
-            return hdr
-        pcrc, hlen, version, us, lg = hdr
-        if (hlen, version, us, lg) != (length, self._idx.versions[pos], self._idx.rtc[pos], self._idx.logic[pos]):
-            return "entry header disagrees with its index record"
-        if _crc(reader.view(off + HDR, length)) != pcrc:
-            return "payload fails its checksum"
-        return None
+    @staticmethod
+    def _header_problem(hdr: bytes) -> str:
+        why = _check_header(hdr)
+        return why if isinstance(why, str) else "entry header disagrees with its index record"
 
     def _scan_tail(self, start: int) -> int:
         """Parse entries the index does not cover (appended after the last index write); returns the end."""
