@@ -10,8 +10,9 @@ For entries of 64 B, 1 KB, 64 KB and 1 MB, with ``persist`` every 1, 16 and
 * **sqlite**: sqlite3 in WAL mode with ``synchronous=FULL`` (as durable as
   ``persist``), one transaction per sync: what a user would pick instead.
 
-Figures are appends per second and MB/s of payload (10^6 bytes), the median
-of ``--runs`` runs of ``--seconds`` each, with ratios to both baselines.
+Figures are appends per second and MB/s of payload (10^6 bytes): total
+appends over total time of ``--runs`` short slices per system, interleaved
+in rotating order, with ratios to both baselines.
 Then ``get_by_time`` latency on a log of ``--time-entries`` entries (median
 and p99 of single random queries), with sqlite's indexed ``ts <= ?`` query
 on the same data as the baseline, and the time to reopen (and verify) that log.
@@ -41,10 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="entry sizes in bytes (comma list)")
     parser.add_argument("--cadences", default=",".join(map(str, CADENCES)),
                         help="appends per persist / sync / commit (comma list)")
-    parser.add_argument("--seconds", type=float, default=0.25, help="length of one measurement")
-    parser.add_argument("--runs", type=int, default=7,
-                        help="measurements per cell, interleaved across the systems; the median is reported "
-                             "(a shared disk's fsync latency is bimodal: take several)")
+    parser.add_argument("--seconds", type=float, default=0.08, help="length of one slice of measurement")
+    parser.add_argument("--runs", type=int, default=12,
+                        help="slices per system and cell, interleaved across the systems in rotating order; "
+                             "a rate is total appends / total time (a shared disk's fsync latency comes and "
+                             "goes: interleaving exposes every system to the same weather)")
     parser.add_argument("--max-mb", type=float, default=256, help="stop a measurement after this many MB")
     parser.add_argument("--time-entries", type=int, default=1_000_000,
                         help="entries of the log for get_by_time (0: skip)")
@@ -248,15 +250,21 @@ def run(args: argparse.Namespace) -> int:
         for size in sizes:
             payload = os.urandom(size)
             for cadence in cadences:
-                samples: dict[str, list[float]] = {k: [] for k in systems}
-                for _ in range(runs):
-                    for name, fn in systems.items():  # interleaved, so drift in the machine hits all alike
-                        n, dt = fn(payload, cadence, seconds, max_bytes)
-                        samples[name].append(n / dt)
+                totals = {k: [0, 0.0] for k in systems}
+                slices: dict[str, list[float]] = {k: [] for k in systems}
+                names = list(systems)
+                for r in range(runs):
+                    # interleaved slices in rotating order, so the machine's ups and downs hit all alike
+                    for name in names[r % len(names):] + names[:r % len(names)]:
+                        n, dt = systems[name](payload, cadence, seconds, max_bytes)
+                        totals[name][0] += n
+                        totals[name][1] += dt
+                        slices[name].append(round(n / dt, 1))
                 row: dict[str, Any] = {"size": size, "persist_every": cadence}
-                for name, xs in samples.items():
-                    rate = statistics.median(xs)
-                    row[name] = {"appends_per_s": round(rate, 1), "mb_per_s": round(rate * size / 1e6, 3)}
+                for name, (n, dt) in totals.items():
+                    rate = n / dt
+                    row[name] = {"appends_per_s": round(rate, 1), "mb_per_s": round(rate * size / 1e6, 3),
+                                 "slice_rates": slices[name]}
                 row["file_vs_plain"] = round(row["file"]["appends_per_s"] / row["plain"]["appends_per_s"], 3)
                 row["file_vs_sqlite"] = round(row["file"]["appends_per_s"] / row["sqlite"]["appends_per_s"], 3)
                 results.append(row)
@@ -283,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
             cells += [_fmt_rate(s), f"{s / r['plain']['appends_per_s']:.2f}"]
         rows.append(cells)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    print(f"persistence: appends (payload MB/s = 10^6 B/s), median of {runs} x {seconds}s, directory {directory}")
+    print(f"persistence: appends (payload MB/s = 10^6 B/s), {runs} interleaved slices of {seconds} s per system, "
+          f"directory {directory}")
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     if timing:
