@@ -462,18 +462,23 @@ class SocketsTransport(Transport):
             dirty = self._dirty
             while dirty:
                 self._flush(dirty.pop())
-            now = time.monotonic()
-            if now >= self._next_timer:
-                self._next_timer = self._timers(now)
-            cap = min(MAX_WAIT, max(0.0, self._next_timer - now))
-            if wait is None or wait > cap:
-                wait = cap
-            if self._events:
-                wait = 0.0
-            elif spin and now < self._busy_until and wait > 0.0 and not self._bulk:
-                # busy-poll (p2p_loop_busy_wait_before_sleep_ms after activity): a tight loop, no locks
-                spin_until = min(self._busy_until, now + wait)
-                wait = 0.0
+            if wait != 0.0 or self._dirty_timers():
+                now = time.monotonic()
+                if now >= self._next_timer:
+                    self._next_timer = self._timers(now)
+                cap = self._next_timer - now
+                if cap > MAX_WAIT:
+                    cap = MAX_WAIT
+                elif cap < 0.0:
+                    cap = 0.0
+                if wait is None or wait > cap:
+                    wait = cap
+                if self._events:
+                    wait = 0.0
+                elif spin and now < self._busy_until and wait > 0.0 and not self._bulk:
+                    # busy-poll (p2p_loop_busy_wait_before_sleep_ms after activity): a tight loop, no locks
+                    spin_until = self._busy_until if self._busy_until < now + wait else now + wait
+                    wait = 0.0
             self._in_select = True
         try:
             ready = self._ep.poll(wait)
@@ -502,6 +507,10 @@ class SocketsTransport(Transport):
                     self._drain_wake()
                 elif fd == self._listen_fd:
                     self._accept()
+
+    def _dirty_timers(self) -> bool:
+        """For a non-blocking poll: are timers due? (Checked on a cheap clock read.)"""
+        return time.monotonic() >= self._next_timer
 
     def wake(self) -> None:
         if not self._closed:
@@ -691,6 +700,12 @@ class SocketsTransport(Transport):
 
     # ------------------------------------------------------------------ I/O
     def _io(self, conn: _Conn, mask: int, read: bool) -> None:
+        if conn.state == "open":
+            if mask & _W:
+                self._flush(conn)
+            if mask & _RERR and read and conn.state == "open":
+                self._read(conn)
+            return
         if conn.state == "connecting":
             if mask & _WERR:
                 self._connected(conn)
@@ -712,12 +727,6 @@ class SocketsTransport(Transport):
                     return
                 self._handshake_io(conn, data)
             return
-        if conn.state != "open":
-            return
-        if mask & _W:
-            self._flush(conn)
-        if mask & _RERR and read and conn.state == "open":
-            self._read(conn)
 
     def _connected(self, conn: _Conn) -> None:
         dial = self._dials.get(conn.node_id)  # type: ignore[arg-type]
