@@ -82,6 +82,7 @@ _W = select.EPOLLOUT
 _RERR = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WERR = select.EPOLLOUT | select.EPOLLERR
 MAX_WAIT = 0.25  # an idle poll still looks at its timers this often
+MAX_HANDSHAKING = 256  # incoming connections allowed in their handshake at once
 
 
 def _resolve_domain(domain: str) -> str:
@@ -221,6 +222,7 @@ class SocketsTransport(Transport):
         self._pool: list[bytearray] = []
         self._gen = 0  # poll rounds: the first small message to an idle peer in a round is written at once
         self._bulk = False  # a large message is arriving: sleep in epoll rather than spin (bigger reads)
+        self._flood_logged = False
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -571,6 +573,15 @@ class SocketsTransport(Transport):
             except OSError as exc:
                 log.warning("node %d: accept failed: %s", self.node_id, exc)
                 return
+            if self._handshaking >= MAX_HANDSHAKING:
+                # a flood of connections that do not finish their handshake: refuse more until they time out
+                if not self._flood_logged:
+                    log.warning("node %d: %d connections are in their handshake; refusing new ones for now",
+                                self.node_id, self._handshaking)
+                    self._flood_logged = True
+                s.close()
+                continue
+            self._flood_logged = False
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(s, False, None, None)
@@ -960,6 +971,10 @@ class SocketsTransport(Transport):
         conn.iov.clear()
         conn.msg_ends.clear()
         conn.sent_total = conn.queued_total
+
+    @property
+    def _handshaking(self) -> int:
+        return sum(1 for c in self._conns.values() if not c.initiator and c.state == "handshake")
 
     def _set_mask(self, conn: _Conn, mask: int) -> None:
         if mask == conn.mask:

@@ -143,3 +143,32 @@ def test_mixed_small_and_large_messages_in_bursts():
     finally:
         a.close()
         b.close()
+
+
+def test_handshake_flood_is_capped(monkeypatch):
+    import derecho_transport_sockets.transport as mod
+    from derecho_core.testing.transport import closed_by_peer
+
+    monkeypatch.setattr(mod, "MAX_HANDSHAKING", 2)
+    conf = make_conf({"DERECHO/sst_poll_cq_timeout_ms": 5000})
+    t = SocketsTransport(conf, 1, (HOST, 0))
+    t.listen()
+    socks = []
+    try:
+        for _ in range(2):
+            socks.append(socket.create_connection(t.address))
+            for _ in range(5):
+                t.poll(0.01)
+        extra = socket.create_connection(t.address)
+        socks.append(extra)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and t._handshaking < 2:
+            t.poll(0.01)
+        for _ in range(10):
+            t.poll(0.01)
+        assert closed_by_peer(extra, 1.0), "the connection over the cap was not refused at once"
+        assert not closed_by_peer(socks[0], 0.1)  # the first ones wait for their handshake deadline
+    finally:
+        for s in socks:
+            s.close()
+        t.close()
