@@ -141,12 +141,15 @@ def test_unpersisted_entries_written_to_the_os_survive_a_reopen(tmp_path):
     # entries flushed to the OS but never persisted are found by the data scan (the index never saw them)
     log = FileLogStore(tmp_path, "log")
     for v in range(1, 4):
-        log.append(v, v, b"x" * 100000)  # large: written through at once
+        log.append(v, v, b"x" * 100000)
+    log.append(4, 4, b"y")
+    assert log.get_by_index(-1).data == b"y"  # reading an entry hands the write buffer to the kernel
+    log.append(5, 5, b"lost")  # still in the buffer when the process dies
     log._close_fds()  # as if the process died: no persist, no index
     log._closed = True
     log = FileLogStore(tmp_path, "log")
-    assert versions(log) == [1, 2, 3]
-    assert log.latest_persisted_version == 3  # open made them durable
+    assert versions(log) == [1, 2, 3, 4]
+    assert log.latest_persisted_version == 4  # open made them durable
     log.close()
 
 

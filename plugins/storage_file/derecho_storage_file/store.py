@@ -91,10 +91,12 @@ _HDR_FULL = struct.Struct("<4sIQqqqI4x")
 #: follow from the lengths (entries are contiguous), so indexing an entry costs no extra checksum
 REC = HDR
 
-#: payloads this large are written straight from the caller's buffer instead of being copied
+#: payloads this large are not copied: the caller's bytes go to the kernel by reference (one writev)
 DIRECT_WRITE = 64 * 1024
-#: buffered appends are written out once this many bytes are pending
+#: pending appends are written out once this many bytes wait (or at persist)
 WRITE_BUFFER = 1 << 20
+LARGE_BATCH = 8 << 20
+_IOV_MAX = 1024
 
 
 def _check_header(view: Any) -> tuple[int, int, int, int, int] | str:
@@ -235,7 +237,9 @@ class FileLogStore(LogStore):
         self._idx = EntryIndex(head)
         self._off = array("q")
         self._head_offset = head_offset
-        self._pending = bytearray()
+        self._pending = bytearray()  # small entries, copied together
+        self._iov: list[Any] = []  # what waits before _pending: runs of small entries, large headers and payloads
+        self._iov_bytes = 0
         self._ipending = bytearray()  # index records of the entries after _idx_written_tail
         self._load_index(head, head_offset)
         end, cut = self._verify_indexed()
@@ -505,9 +509,16 @@ class FileLogStore(LogStore):
         hdr = h40 + _HCRC.pack(_crc(h40))
         try:
             if n >= DIRECT_WRITE:
-                self._flush_pending()
-                self._write_all([hdr, data], off)
-                self._written = off + HDR + n
+                iov = self._iov
+                if self._pending:
+                    iov.append(self._pending)
+                    self._iov_bytes += len(self._pending)
+                    self._pending = bytearray()
+                iov.append(hdr)
+                iov.append(data)  # immutable bytes (anything else was copied for the checksum)
+                self._iov_bytes += HDR + n
+                if self._iov_bytes >= LARGE_BATCH:
+                    self._flush_pending()
             else:
                 pending = self._pending
                 pending += hdr
@@ -531,7 +542,7 @@ class FileLogStore(LogStore):
     def _write_all(self, bufs: list[Any], offset: int) -> None:
         views = [memoryview(b).cast("B") for b in bufs]
         while views:
-            done = os.pwritev(self._dfd, views, offset)
+            done = os.pwritev(self._dfd, views[:_IOV_MAX], offset)
             offset += done
             while views and done >= len(views[0]):
                 done -= len(views[0])
@@ -540,11 +551,18 @@ class FileLogStore(LogStore):
                 views[0] = views[0][done:]
 
     def _flush_pending(self) -> None:
+        """Write everything appended but not yet handed to the kernel, in one ``pwritev``."""
+        if not self._pending and not self._iov:
+            return
+        # take the buffers first: a failed write's traceback may still hold views of them
+        bufs, self._iov = self._iov, []
         if self._pending:
-            # swap first: a failed write's traceback may still hold views of the old buffer
-            buf, self._pending = self._pending, bytearray()
-            self._write_all([buf], self._written)
-            self._written += len(buf)
+            bufs.append(self._pending)
+            self._pending = bytearray()
+        self._iov_bytes = 0
+        total = sum(len(b) for b in bufs)
+        self._write_all(bufs, self._written)
+        self._written += total
 
     def _failed_write(self, exc: OSError, what: str) -> None:
         """Undo every entry not yet persisted, so the files end at the last durable entry, and raise."""
@@ -560,6 +578,7 @@ class FileLogStore(LogStore):
         self._idx.drop_back(keep)
         del self._off[keep:]
         self._pending = bytearray()
+        self._iov, self._iov_bytes = [], 0
         del self._ipending[(self._synced_tail - self._idx_written_tail) * REC:]
         self._end = self._written = self._synced_end
         try:
