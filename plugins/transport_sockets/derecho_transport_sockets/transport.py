@@ -75,7 +75,9 @@ POOL_MIN = 256 * 1024          # large receive buffers from this size are recycl
 POOL_MAX_BYTES = 160 * 1024 * 1024  # ... up to this many bytes kept for reuse (per transport)
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 BATCH_BYTES = 4 * 1024 * 1024
-EAGER_BYTES = 64 * 1024        # messages up to this size may take the write-at-once fast path  # one sendmsg takes queued buffers up to about this many bytes
+EAGER_BYTES = 64 * 1024
+RCVLOWAT = 512 * 1024          # while a large message arrives, epoll wakes us per this many bytes
+BULK_SLICE_US = 2000           # longest blocking sendmsg when flushing a big queue (SO_SNDTIMEO)        # messages up to this size may take the write-at-once fast path  # one sendmsg takes queued buffers up to about this many bytes
 
 _R = select.EPOLLIN
 _W = select.EPOLLOUT
@@ -113,7 +115,7 @@ class _Conn:
         "sock", "fd", "state", "initiator", "node_id", "dial", "hs", "hs_out", "deadline", "mask",
         "rbuf", "rmv", "rstart", "rend", "big", "big_mv", "big_got",
         "iov", "msg_ends", "queued_total", "sent_total", "last_progress", "peer_addr", "incarnation",
-        "remote", "gen", "last_big",
+        "remote", "gen", "last_big", "lowat",
     )
 
     def __init__(self, sock: socket.socket, initiator: bool, node_id: int | None, dial: Address | None):
@@ -143,6 +145,7 @@ class _Conn:
         self.incarnation = 0
         self.gen = -1
         self.last_big = False
+        self.lowat = 1
         try:
             self.remote = sock.getpeername()
         except OSError:
@@ -223,6 +226,7 @@ class SocketsTransport(Transport):
         self._gen = 0  # poll rounds: the first small message to an idle peer in a round is written at once
         self._bulk = False  # a large message is arriving: sleep in epoll rather than spin (bigger reads)
         self._flood_logged = False
+        self._writers = 0  # connections whose socket is full (waiting for EPOLLOUT): then never spin
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -477,7 +481,7 @@ class SocketsTransport(Transport):
                     wait = cap
                 if self._events:
                     wait = 0.0
-                elif spin and now < self._busy_until and wait > 0.0 and not self._bulk:
+                elif spin and now < self._busy_until and wait > 0.0 and not self._bulk and not self._writers:
                     # busy-poll (p2p_loop_busy_wait_before_sleep_ms after activity): a tight loop, no locks
                     spin_until = self._busy_until if self._busy_until < now + wait else now + wait
                     wait = 0.0
@@ -689,6 +693,10 @@ class SocketsTransport(Transport):
         if old is not None and old is not conn:
             self._fail(old, "replaced by a new connection")
         conn.state = "open"
+        try:  # bounds the blocking sendmsg of _flush_bulk; no effect while the socket is non-blocking
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, BULK_SLICE_US))
+        except OSError:
+            pass
         conn.rbuf = bytearray(RECV_BUF)
         conn.rmv = memoryview(conn.rbuf)
         if conn.hs_out:  # the CONFIRM not written yet goes first
@@ -713,7 +721,10 @@ class SocketsTransport(Transport):
     def _io(self, conn: _Conn, mask: int, read: bool) -> None:
         if conn.state == "open":
             if mask & _W:
-                self._flush(conn)
+                if conn.queued_total - conn.sent_total >= FLUSH_BYTES:
+                    self._flush_bulk(conn)
+                else:
+                    self._flush(conn)
             if mask & _RERR and read and conn.state == "open":
                 self._read(conn)
             return
@@ -830,7 +841,13 @@ class SocketsTransport(Transport):
                     else:
                         n = sock.recv_into(conn.rmv[conn.rend:])  # type: ignore[index]
             except (BlockingIOError, InterruptedError):
-                self._bulk = conn.big is not None
+                if conn.big is not None:
+                    self._bulk = True
+                    # wake up only once a good piece of the message is there (SO_RCVLOWAT):
+                    # fewer, larger reads, as a blocking recv would do
+                    want = min(len(conn.big) - conn.big_got, RCVLOWAT)
+                    if want != conn.lowat:
+                        self._set_lowat(conn, want)
                 return
             except OSError as exc:
                 self._fail(conn, f"connection error: {exc.strerror or exc}")
@@ -850,6 +867,8 @@ class SocketsTransport(Transport):
                     self._events.append(MessageReceived(conn.node_id, conn.big_mv))  # type: ignore[arg-type]
                     conn.big = conn.big_mv = None
                     conn.big_got = 0
+                    if conn.lowat != 1:
+                        self._set_lowat(conn, 1)
                     self._bulk = True  # more large messages probably follow: do not spin for them
                     return  # hand it over before the next large buffer is needed (lets buffers recycle)
                 continue
@@ -858,6 +877,36 @@ class SocketsTransport(Transport):
                 return
             if n < 16384 and conn.big is None:
                 return  # the socket is probably drained; the selector tells us when there is more
+
+    def _flush_bulk(self, conn: _Conn) -> None:
+        """Flush a big queue with one *blocking* sendmsg bounded by SO_SNDTIMEO (BULK_SLICE).
+
+        A non-blocking socket wakes us for every few tens of KiB the peer drains;
+        in Python each wake-up costs more than copying them. Blocking for at most
+        BULK_SLICE lets the kernel refill the socket as the peer drains it, as
+        ``sendall`` does.
+        """
+        sock = conn.sock
+        try:
+            sock.setblocking(True)
+        except OSError:
+            self._flush(conn)
+            return
+        try:
+            self._flush(conn)
+        finally:
+            if conn.state == "open":
+                try:
+                    sock.setblocking(False)
+                except OSError:
+                    pass
+
+    def _set_lowat(self, conn: _Conn, n: int) -> None:
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            conn.lowat = n
+        except OSError:
+            conn.lowat = 1
 
     def _compact(self, conn: _Conn) -> None:
         rest = conn.rend - conn.rstart
@@ -960,6 +1009,8 @@ class SocketsTransport(Transport):
             del self._conns[conn.fd]
         if conn.mask:
             self._unregister(conn.fd)
+            if conn.mask & _W:
+                self._writers -= 1
             conn.mask = 0
         self._dirty.discard(conn)
         if conn.node_id is not None and self._accepting.get(conn.node_id) is conn:
@@ -979,6 +1030,7 @@ class SocketsTransport(Transport):
     def _set_mask(self, conn: _Conn, mask: int) -> None:
         if mask == conn.mask:
             return
+        self._writers += bool(mask & _W) - bool(conn.mask & _W)
         if conn.mask == 0:
             self._ep.register(conn.fd, mask)
         else:
