@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 
 import pytest
@@ -171,4 +172,33 @@ def test_handshake_flood_is_capped(monkeypatch):
     finally:
         for s in socks:
             s.close()
+        t.close()
+
+
+def test_peer_closing_in_the_middle_of_a_large_message_is_reported():
+    """While a large message arrives SO_RCVLOWAT is raised; an EOF must still wake the node."""
+    from derecho_core.testing.transport import raw_handshake
+    from derecho_core.transport import PeerFailed
+
+    conf = make_conf({})
+    t = SocketsTransport(conf, 1, (HOST, 0))
+    t.listen()
+    try:
+        import threading
+
+        box = []
+        th = threading.Thread(target=lambda: box.append(raw_handshake(t.address, 9, 1)[0]))
+        th.start()
+        pump([t], lambda g: any(isinstance(e, PeerConnected) for e in g[1]))
+        th.join(5)
+        s = box[0]
+        s.sendall(struct.pack("<IB", 4 << 20, 0) + bytes(300_000))
+        for _ in range(20):
+            t.poll(0.01)
+        assert t._peers[9].big is not None and t._peers[9].lowat > 1
+        s.close()
+        got = pump([t], lambda g: any(isinstance(e, PeerFailed) for e in g[1]), timeout=5)
+        ev = [e for e in got[1] if isinstance(e, PeerFailed)][0]
+        assert "truncated" in ev.reason
+    finally:
         t.close()
