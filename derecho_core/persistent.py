@@ -111,7 +111,8 @@ def _pack_default(obj: Any) -> msgpack.ExtType:
 
 
 def _packb(value: Any) -> bytes:
-    return msgpack.packb(value, default=_pack_default, strict_types=True, use_bin_type=True)
+    packed: bytes = msgpack.packb(value, default=_pack_default, strict_types=True, use_bin_type=True)
+    return packed
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -126,7 +127,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
         return _import_type(inner[0])(inner[1])
     if code == _EXT_OBJECT:
         cls = _import_type(inner[0])
-        obj = cls.__new__(cls)
+        obj = cls.__new__(cls)  # type: ignore[call-overload]  # no __init__: the state comes next
         state = inner[1]
         if hasattr(obj, "__setstate__"):
             obj.__setstate__(state)
@@ -350,7 +351,8 @@ class Persistent(Generic[T]):
 
     def _state_at_index(self, index: int, entry: LogEntry) -> T:
         if entry.data[:1] != TAG_DELTA:
-            return decode_value(entry.data)
+            value: T = decode_value(entry.data)
+            return value
         # delta log: replay every retained delta up to this one on a fresh object
         obj = self._factory()
         for e in self.log:

@@ -157,7 +157,7 @@ class HLCClock:
 
 
 class LogEntry(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose: the entry's log index
     version: int
     timestamp: HLC
     data: bytes
@@ -505,4 +505,5 @@ def open_log(conf: Conf, log_name: str, storage: str | None = None) -> LogStore:
     from .plugins import storage as storage_factory
 
     factory = storage_factory(storage or conf.get("PERS/storage"))
-    return factory(conf, log_name)
+    log: LogStore = factory(conf, log_name)
+    return log

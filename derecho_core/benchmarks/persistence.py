@@ -250,19 +250,19 @@ def run(args: argparse.Namespace) -> int:
         for size in sizes:
             payload = os.urandom(size)
             for cadence in cadences:
-                totals = {k: [0, 0.0] for k in systems}
+                totals: dict[str, list[float]] = {k: [0, 0.0] for k in systems}
                 slices: dict[str, list[float]] = {k: [] for k in systems}
                 names = list(systems)
-                for r in range(runs):
+                for rnd in range(runs):
                     # interleaved slices in rotating order, so the machine's ups and downs hit all alike
-                    for name in names[r % len(names):] + names[:r % len(names)]:
+                    for name in names[rnd % len(names):] + names[:rnd % len(names)]:
                         n, dt = systems[name](payload, cadence, seconds, max_bytes)
                         totals[name][0] += n
                         totals[name][1] += dt
                         slices[name].append(round(n / dt, 1))
                 row: dict[str, Any] = {"size": size, "persist_every": cadence}
-                for name, (n, dt) in totals.items():
-                    rate = n / dt
+                for name, (count, secs) in totals.items():
+                    rate = count / secs
                     row[name] = {"appends_per_s": round(rate, 1), "mb_per_s": round(rate * size / 1e6, 3),
                                  "slice_rates": slices[name]}
                 row["file_vs_plain"] = round(row["file"]["appends_per_s"] / row["plain"]["appends_per_s"], 3)
@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
             "sqlite MB/s", "file/plain", "file/sqlite"]
     if args.strict_index:
         head += ["strict app/s", "strict/plain"]
-    rows = [head]
+    rows: list[list[str]] = [head]
     for r in results:
         cells = [_size(r["size"]), str(r["persist_every"]),
                  _fmt_rate(r["file"]["appends_per_s"]), f"{r['file']['mb_per_s']:.1f}",
@@ -287,14 +287,14 @@ def run(args: argparse.Namespace) -> int:
                  _fmt_rate(r["sqlite"]["appends_per_s"]), f"{r['sqlite']['mb_per_s']:.1f}",
                  f"{r['file_vs_plain']:.2f}", f"{r['file_vs_sqlite']:.2f}"]
         if args.strict_index:
-            s = r["file_strict_index"]["appends_per_s"]
-            cells += [_fmt_rate(s), f"{s / r['plain']['appends_per_s']:.2f}"]
+            strict = r["file_strict_index"]["appends_per_s"]
+            cells += [_fmt_rate(strict), f"{strict / r['plain']['appends_per_s']:.2f}"]
         rows.append(cells)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    widths = [max(len(line[i]) for line in rows) for i in range(len(head))]
     print(f"persistence: appends (payload MB/s = 10^6 B/s), {runs} interleaved slices of {seconds} s per system, "
           f"directory {directory}")
-    for row in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    for line in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
     if timing:
         print(f"get_by_time on {timing['entries']:,} entries: median {timing['file_median_us']} us, "
               f"p99 {timing['file_p99_us']} us (sqlite indexed query: median {timing['sqlite_median_us']} us, "

@@ -13,6 +13,7 @@ import importlib
 import pkgutil
 import sys
 from types import ModuleType
+from typing import Callable
 
 
 def _benchmarks() -> dict[str, ModuleType | Exception]:
@@ -29,7 +30,7 @@ def _benchmarks() -> dict[str, ModuleType | Exception]:
     return found
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="run benchmarks (with same-run baselines)",
                        description="Run a benchmark by name, or all of them. Results: a table and JSON.")
     names = p.add_subparsers(dest="bench_name", metavar="NAME")
@@ -47,10 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         parsers[name] = bp
     allp = names.add_parser("all", help="run every benchmark with its defaults, one after the other")
     allp.set_defaults(func=lambda args: _run_all(parsers))
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    def usage(args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=usage)
 
 
-def _broken(name: str, exc: Exception):
+def _broken(name: str, exc: Exception) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         print(f"derecho bench {name}: cannot load the benchmark: {exc!r}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("log", help="list, show and verify persistent logs",
                        description="Inspect the logs of Persistent fields (read-only).")
     p.add_argument("--path", help="log directory (default: [PERS] file_path of the configuration)")
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def _conf_path() -> str:
     from ..conf import Conf
 
-    return Conf.load().get("PERS/file_path")
+    return str(Conf.load().get("PERS/file_path"))
 
 
 @contextmanager

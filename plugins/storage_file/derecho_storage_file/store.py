@@ -380,15 +380,15 @@ class FileLogStore(LogStore):
         for pos in range(n):
             off, length = offs[pos], lengths[pos]
             at = pos * REC
-            why = None
+            why: str | None = None
             if off + HDR + length > size:
                 why = f"missing: the file ends at {size}, before the entry's end {off + HDR + length}"
             else:
                 chunk = view(off, HDR + length)
                 header = chunk[:HDR]
                 if header != raw[at:at + REC] or header[:4] != ENTRY_MAGIC:
-                    why = _check_header(header)
-                    if not isinstance(why, str) and first_bad is None:
+                    problem = _check_header(header)
+                    if not isinstance(problem, str) and first_bad is None:
                         # a good entry header the index record does not copy: the index is what is wrong
                         log.warning("%s: index record %d disagrees with its entry; rebuilding the index from "
                                     "the data file from there", self.idx_path, self._idx.head + pos)
@@ -396,8 +396,7 @@ class FileLogStore(LogStore):
                         del offs[pos:]
                         self._idx_raw = b""
                         return off, False
-                    if not isinstance(why, str):
-                        why = "entry header disagrees with its index record"
+                    why = problem if isinstance(problem, str) else "entry header disagrees with its index record"
                 elif crc(chunk[HDR:]) != _HDR_FULL.unpack_from(header)[1]:
                     why = "payload fails its checksum"
             if why is None:
