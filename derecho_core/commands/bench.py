@@ -48,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         parsers[name] = bp
     allp = names.add_parser("all", help="run every benchmark with its defaults, one after the other")
     allp.set_defaults(func=lambda args: _run_all(parsers))
+
     def usage(args: argparse.Namespace) -> int:
         p.print_help()
         return 2
