@@ -271,6 +271,17 @@ class Membership:
             self._evaluate()
         return self._flush()
 
+    def poke(self, now: float) -> list[Action]:
+        """Re-evaluate the predicates (another layer's state changed, e.g. the ragged trim advanced)."""
+        self.now = max(self.now, now)
+        if not self.stopped and self.view is not None:
+            self._evaluate()
+        return self._flush()
+
+    def failed_nodes(self) -> set[int]:
+        """Node ids this node considers failed in its current view."""
+        return set() if self.view is None else {self.view.members[r] for r in self.failed}
+
     def _flush(self) -> list[Action]:
         if self._dirty and self.view is not None and not self.stopped:
             self._push(self._dirty)

@@ -27,7 +27,7 @@ ID_IN_USE = "ID_IN_USE"
 LEADER_REDIRECT = "LEADER_REDIRECT"
 JOIN_REPLY_CODES = (OK, ID_IN_USE, LEADER_REDIRECT)
 
-MAX_MESSAGE = 16 << 20
+MAX_MESSAGE = 300 << 20  # above the largest RDMC block or SMC batch a profile allows
 
 
 class WireError(DerechoError):
@@ -53,6 +53,16 @@ def decode(data: bytes | bytearray | memoryview) -> list[Any]:
     if len(msg) != arity:
         raise WireError(f"{msg[0]} message has {len(msg)} fields, expected {arity}")
     return msg
+
+
+def decode_any(data: bytes | bytearray | memoryview) -> Any:
+    """Decode any msgpack value with the size limit; garbage becomes a WireError."""
+    if len(data) > MAX_MESSAGE:
+        raise WireError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise WireError(f"undecodable message: {exc}") from None
 
 
 def check_int(value: Any, what: str, lo: int = 0, hi: int = 1 << 62) -> int:

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 from ..protocol import events as ev
 from ..protocol.membership import Membership
+from ..protocol.multicast import ShardParams
+from ..protocol.node import Deliver, NodeProtocol, SendRejected, SendRequest
 from ..view import IpAndPorts, View
 from .invariants import Checker
 
@@ -26,6 +28,15 @@ class SimParams:
     #: after a crash, how soon a peer's transport reports the broken connection (None: never; a hung node)
     reset_detect_ms: tuple[float, float] = (1.0, 30.0)
     partition_safety: bool = True
+    #: multicast traffic: None (membership only), or "ordered" / "raw"
+    traffic: str | None = None
+    #: payload size of the generated messages; above max_smc they travel by RDMC
+    message_size: int = 64
+    send_interval_ms: float = 25.0
+    max_smc_payload_size: int = 512
+    block_size: int = 256
+    window_size: int = 8
+    rdmc_send_algorithm: str = "binomial_send"
 
 
 @dataclass
@@ -37,6 +48,8 @@ class SimNode:
     incarnation: int = 0
     views: list[View] = field(default_factory=list)
     stop: ev.Stop | None = None
+    node: NodeProtocol | None = None
+    sent: int = 0
 
 
 class Cluster:
@@ -57,6 +70,7 @@ class Cluster:
         #: pairs of node ids that cannot talk (both directions)
         self.cut: set[frozenset[int]] = set()
         self.checker = Checker(self)
+        self.traffic_on = True
         self.trace: list[str] = []
         self.steps = 0
 
@@ -79,28 +93,59 @@ class Cluster:
                           5000 + node_id)
 
     def _new_proto(self, node_id: int, incarnation: int) -> Membership:
-        allocate = self.allocate_factory() if self.allocate_factory else None
+        if self.allocate_factory:
+            allocate = self.allocate_factory()
+        elif self.params.traffic:
+            allocate = _one_shard(self.params.traffic)
+        else:
+            allocate = None
         return Membership(node_id, self._address(node_id), heartbeat_ms=self.params.heartbeat_ms,
                           suspicion_timeout_ms=self.params.suspicion_timeout_ms,
                           partition_safety=self.params.partition_safety, allocate=allocate,
-                          nonce=(node_id << 20) + incarnation + 1)
+                          nonce=(node_id << 20) + incarnation + 1, subgroup_type_order=["sim"])
+
+    def _shard_params(self, profile: str) -> ShardParams:
+        p = self.params
+        return ShardParams(window_size=p.window_size, max_payload_size=max(p.message_size, 1 << 16),
+                           max_smc_payload_size=p.max_smc_payload_size, block_size=p.block_size,
+                           rdmc_send_algorithm=p.rdmc_send_algorithm)
 
     def start_leader(self, node_id: int) -> None:
         node = self._add(node_id)
-        self._perform(node, node.proto.start_new_group(self.now))
+        assert node.node is not None
+        self._perform(node, node.node.start_new_group(self.now))
 
     def start_joiner(self, node_id: int, contact: int) -> None:
         node = self._add(node_id)
+        assert node.node is not None
         target = self.nodes[contact].address
-        self._perform(node, node.proto.start_join((target.ip_address, target.gms_port), self.now))
+        self._perform(node, node.node.start_join((target.ip_address, target.gms_port), self.now))
+
+    def _send_traffic(self, node_id: int, incarnation: int) -> None:
+        node = self.nodes.get(node_id)
+        if node is None or node.incarnation != incarnation or not node.alive or node.stop is not None:
+            return
+        if self.traffic_on and node.proto.view is not None and node.node is not None \
+                and node.node.multicast is not None:
+            node.sent += 1
+            msg_id = f"{node_id}:{incarnation}:{node.sent}"
+            payload = msg_id.encode().ljust(self.params.message_size, b".")
+            self.checker.on_submit(node, msg_id)
+            self._deliver(node, SendRequest(0, payload, False, int(self.now * 1e6), msg_id))
+        self.at(self.now + self.params.send_interval_ms * (0.5 + self.rng.random()),
+                lambda: self._send_traffic(node_id, incarnation))
 
     def _add(self, node_id: int) -> SimNode:
         old = self.nodes.get(node_id)
         incarnation = old.incarnation + 1 if old else 0
         if old is not None and old.alive and old.stop is None:
             raise RuntimeError(f"node {node_id} is still running")
-        node = SimNode(node_id, self._address(node_id), self._new_proto(node_id, incarnation),
-                       incarnation=incarnation)
+        proto = self._new_proto(node_id, incarnation)
+        node = SimNode(node_id, self._address(node_id), proto, incarnation=incarnation,
+                       node=NodeProtocol(proto, self._shard_params))
+        if self.params.traffic:
+            self.at(self.now + self.rng.uniform(0, self.params.send_interval_ms),
+                    lambda: self._send_traffic(node_id, incarnation))
         self.nodes[node_id] = node
         self.by_gms[(node.address.ip_address, node.address.gms_port)] = node_id
         self.trace.append(f"{self.now:9.2f} start node {node_id} (incarnation {incarnation})")
@@ -147,7 +192,8 @@ class Cluster:
     def _deliver(self, node: SimNode, event: ev.Event) -> None:
         if not node.alive or node.stop is not None:
             return
-        actions = node.proto.handle(event, self.now)
+        assert node.node is not None
+        actions = node.node.handle(event, self.now)
         self._perform(node, actions)
 
     def _perform(self, node: SimNode, actions: list[ev.Action]) -> None:
@@ -167,12 +213,17 @@ class Cluster:
                 node.stop = action
                 self.trace.append(f"{self.now:9.2f} node {node.node_id} stops: {action.kind}: {action.reason}")
                 self.checker.on_stop(node, action)
+            elif isinstance(action, Deliver):
+                self.checker.on_deliver(node, action.delivery)
+            elif isinstance(action, SendRejected):
+                self.checker.on_rejected(node, action.tag, action.error)
             elif isinstance(action, ev.Log):
                 if log.isEnabledFor(action.level):
                     log.log(action.level, f"[t={self.now:.2f}] " + action.message, *action.args)
         self.checker.after_step()
         if node.alive and node.stop is None:
-            deadline = node.proto.next_deadline()
+            assert node.node is not None
+            deadline = node.node.next_deadline()
             if deadline != float("inf"):
                 inc = node.incarnation
                 self.at(max(deadline, self.now + 0.001), lambda: self._tick(node.node_id, inc))
@@ -210,4 +261,28 @@ class Cluster:
         return [n for n in self.nodes.values() if n.alive and n.stop is None]
 
     def replay_command(self) -> str:
-        return f"python -m derecho_core.sim --seed {self.seed}"
+        cmd = f"python -m derecho_core.sim --seed {self.seed}"
+        p = self.params
+        if p.traffic:
+            cmd += f" --traffic {p.traffic} --size {p.message_size} --algorithm {p.rdmc_send_algorithm}"
+        if not p.partition_safety:
+            cmd += " --no-partition-safety"
+        return cmd
+
+
+def _one_shard(mode: str) -> Any:
+    """Allocator of the traffic runs: one subgroup, one shard of every member, all senders."""
+    from ..view import Mode, SubView
+
+    def allocate(prev: Any, view: View) -> Any:
+        sv = SubView(view.members, Mode.ORDERED if mode == "ordered" else Mode.UNORDERED)
+        sv.init_joined_departed(prev.subgroup_shard_views[0][0] if prev is not None and prev.subgroup_shard_views
+                                else None)
+        view.subgroup_type_order = ["sim"]
+        view.subgroup_ids_by_type_id = [[0]]
+        view.subgroup_shard_views = [[sv]]
+        view.next_unassigned_rank = view.num_members
+        view.refresh_my_subgroups()
+        return {"sim": [[sv]]}
+
+    return allocate

@@ -28,13 +28,16 @@ class ScenarioResult:
     virtual_ms: float = 0.0
     views_installed: int = 0
     settle_ms: float = 0.0
+    deliveries: int = 0
 
 
-def run_scenario(seed: int, params: SimParams | None = None, *, fault_window_ms: float = 3000.0,
+def run_scenario(seed: int, params: SimParams | None = None, *, fault_window_ms: float | None = None,
                  settle_ms: float = 8000.0) -> ScenarioResult:
     """Run one seeded scenario; raises :class:`InvariantViolation` on any broken guarantee."""
     plan = random.Random(seed * 7919 + 1)
     cluster = Cluster(seed, params)
+    if fault_window_ms is None:
+        fault_window_ms = 1500.0 if cluster.params.traffic else 3000.0
     n = plan.randint(3, 7)
     result = ScenarioResult(seed, n)
 
@@ -45,7 +48,12 @@ def run_scenario(seed: int, params: SimParams | None = None, *, fault_window_ms:
         t += plan.uniform(1, 30)
         cluster.at(t, lambda node=node: cluster.start_joiner(node, 0))
     formed_by = t + 3000
-    cluster.run_until(formed_by)
+    while cluster.now < formed_by:
+        cluster.run_until(min(formed_by, max(cluster.now, t) + 50))
+        views = [x.proto.view for x in cluster.live()]
+        if cluster.now > t and all(v is not None and v.num_members == n for v in views) \
+                and len({v.vid for v in views if v is not None}) == 1:
+            break
     cluster.checker.check_converged(set(range(n)))
 
     # ---- faults
@@ -132,6 +140,20 @@ def run_scenario(seed: int, params: SimParams | None = None, *, fault_window_ms:
             continue
     cluster.checker.check_converged()
     result.settle_ms = cluster.now - (start + fault_window_ms)
+    if cluster.params.traffic:
+        # stop sending; everything a live sender sent must then be delivered
+        cluster.traffic_on = False
+        drain_end = cluster.now + settle_ms
+        while cluster.now < drain_end:
+            cluster.run_until(cluster.now + 100)
+            try:
+                cluster.checker.check_no_loss()
+                break
+            except Exception:
+                continue
+        cluster.checker.check_no_loss()
+        cluster.checker.check_converged()
+        result.deliveries = cluster.checker.deliveries
     view = cluster.live()[0].proto.view
     assert view is not None
     result.final_vid = view.vid
