@@ -429,6 +429,17 @@ class SocketsTransport(Transport):
     def poll(self, timeout: float | None = 0.0) -> list[Event]:
         if self._closed:
             raise TransportClosedError("transport is closed")
+        if not timeout and timeout is not None:  # non-blocking: one step
+            with self._progress_lock:
+                self._woken = False
+                if not self._events:
+                    self._step(0.0)
+                if not self._events:
+                    return []
+                with self._lock:
+                    ev = self._events
+                    self._events = []
+                    return ev
         monotonic = time.monotonic
         deadline = None if timeout is None else monotonic() + timeout
         with self._progress_lock:
@@ -468,7 +479,7 @@ class SocketsTransport(Transport):
             dirty = self._dirty
             while dirty:
                 self._flush(dirty.pop())
-            if wait != 0.0 or self._dirty_timers():
+            if wait != 0.0 or time.monotonic() >= self._next_timer:
                 now = time.monotonic()
                 if now >= self._next_timer:
                     self._next_timer = self._timers(now)
@@ -513,10 +524,6 @@ class SocketsTransport(Transport):
                     self._drain_wake()
                 elif fd == self._listen_fd:
                     self._accept()
-
-    def _dirty_timers(self) -> bool:
-        """For a non-blocking poll: are timers due? (Checked on a cheap clock read.)"""
-        return time.monotonic() >= self._next_timer
 
     def wake(self) -> None:
         if not self._closed:
