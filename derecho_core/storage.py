@@ -33,7 +33,7 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, TypeVar
 
@@ -284,12 +284,15 @@ class EntryIndex:
     """Versions and timestamps of the retained entries in compact arrays, for bisection.
 
     Position ``p`` holds the entry with index ``head + p``. Lookups are
-    O(log n) bisections done in C. Timestamps are usually appended in order
-    (an HLC per process, versions in delivery order); if one arrives out of
-    order, time queries fall back to a sorted permutation built on demand.
+    O(log n) bisections done in C. Timestamps usually arrive in order (one
+    sender's HLC); in a group they come from several senders' clocks, so
+    they need not. Then time queries use a permutation of positions sorted
+    by timestamp: built once (O(n log n)), and afterwards each query first
+    inserts the positions appended since the last one (O(log n) each, mostly
+    near the end), so neither appends nor queries pay for a full sort again.
     """
 
-    __slots__ = ("head", "versions", "rtc", "logic", "time_sorted", "_perm")
+    __slots__ = ("head", "versions", "rtc", "logic", "time_sorted", "_perm", "_perm_upto")
 
     def __init__(self, head: int = 0) -> None:
         self.head = head
@@ -297,7 +300,8 @@ class EntryIndex:
         self.rtc = array("q")
         self.logic = array("q")
         self.time_sorted = True
-        self._perm: tuple[list[int], list[tuple[int, int]]] | None = None
+        self._perm: array[int] | None = None  # positions sorted by (rtc, logic, position)
+        self._perm_upto = 0  # positions below this are in _perm
 
     def __len__(self) -> int:
         return len(self.versions)
@@ -310,7 +314,6 @@ class EntryIndex:
         rtc = self.rtc
         if rtc and (ts.rtc_us < rtc[-1] or (ts.rtc_us == rtc[-1] and ts.logic < self.logic[-1])):
             self.time_sorted = False
-        self._perm = None
         self.versions.append(version)
         rtc.append(ts.rtc_us)
         self.logic.append(ts.logic)
@@ -318,14 +321,14 @@ class EntryIndex:
     def drop_front(self, count: int) -> None:
         del self.versions[:count], self.rtc[:count], self.logic[:count]
         self.head += count
-        self._perm = None
+        self._perm = None  # positions moved: rebuilt on the next time query
 
     def drop_back(self, keep: int) -> None:
         del self.versions[keep:], self.rtc[keep:], self.logic[keep:]
         self._perm = None
         if not self.time_sorted:
-            self.time_sorted = all(
-                (self.rtc[i], self.logic[i]) <= (self.rtc[i + 1], self.logic[i + 1]) for i in range(len(self.rtc) - 1))
+            rtc, logic = self.rtc, self.logic
+            self.time_sorted = all((rtc[i], logic[i]) <= (rtc[i + 1], logic[i + 1]) for i in range(len(rtc) - 1))
 
     def timestamp(self, pos: int) -> HLC:
         return HLC(self.rtc[pos], self.logic[pos])
@@ -358,18 +361,25 @@ class EntryIndex:
             # entries [lo, hi) share ts.rtc_us, so their logic counters are sorted too; those before lo are older
             pos = bisect_right(self.logic, ts.logic, lo, hi) - 1
         else:
-            perm, keys = self._sorted_perm()  # rare path: timestamps appended out of order
-            k = bisect_right(keys, (ts.rtc_us, ts.logic)) - 1
+            perm = self._sorted_perm()
+            k = bisect_right(perm, (ts.rtc_us, ts.logic, len(perm)), key=self._time_key) - 1
             pos = perm[k] if k >= 0 else -1
         if pos < 0:
             first = f" (earliest entry: {self.timestamp(0)})" if self.versions else " (log empty)"
             raise InvalidTimestampError(f"no entry at or before time {ts}{first}")
         return pos
 
-    def _sorted_perm(self) -> tuple[list[int], list[tuple[int, int]]]:
+    def _time_key(self, pos: int) -> tuple[int, int, int]:
+        return self.rtc[pos], self.logic[pos], pos
+
+    def _sorted_perm(self) -> array[int]:
+        n = len(self.versions)
         if self._perm is None:
-            perm = sorted(range(len(self.versions)), key=lambda p: (self.rtc[p], self.logic[p], p))
-            self._perm = (perm, [(self.rtc[p], self.logic[p]) for p in perm])
+            self._perm = array("q", sorted(range(n), key=self._time_key))
+        else:
+            for pos in range(self._perm_upto, n):
+                insort(self._perm, pos, key=self._time_key)
+        self._perm_upto = n
         return self._perm
 
 

@@ -531,7 +531,6 @@ class FileLogStore(LogStore):
         rtc, logic = idx.rtc, idx.logic
         if rtc and (us < rtc[-1] or (us == rtc[-1] and lg < logic[-1])):
             idx.time_sorted = False
-        idx._perm = None
         versions.append(version)
         rtc.append(us)
         logic.append(lg)
