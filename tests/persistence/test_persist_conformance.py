@@ -281,3 +281,18 @@ def test_a_reader_thread_beside_the_writer(open_log):
         t.join(10)
     assert not errors, errors
     assert log.latest_version == 1500 and log.earliest_version == 1101
+
+
+def test_a_log_dropped_without_close_can_be_opened_again(open_log, store_name, conf):
+    import gc
+
+    from derecho_storage_file import FileLogStore
+    from derecho_storage_mem import MemLogStore
+
+    factory = FileLogStore.open if store_name == "file" else MemLogStore.open
+    log = factory(conf, "dropped")
+    log.append(1, 1, b"kept")
+    del log
+    gc.collect()
+    again = open_log("dropped")
+    assert [e.data for e in again] == [b"kept"]

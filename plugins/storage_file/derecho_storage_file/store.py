@@ -691,6 +691,19 @@ class FileLogStore(LogStore):
             self._closed = True
             self._close_fds()
 
+    def __del__(self) -> None:
+        # a log dropped without close(): hand what it buffered to the kernel and release the lock (as a crash
+        # would, but without losing the buffer); durability needs close() or persist()
+        if not hasattr(self, "_lfd"):  # __init__ failed before any file was opened
+            return
+        if not self._closed and not self.readonly:
+            try:
+                self._flush_pending()
+            except Exception:  # nothing to report to at this point; the data file is checked on open
+                pass
+        self._closed = True
+        self._close_fds()
+
     def _close_fds(self) -> None:
         for attr in ("_dfd", "_ifd", "_lfd"):
             fd = getattr(self, attr)

@@ -133,6 +133,12 @@ class MemLogStore(LogStore):
             self._s.open = False
         self._s = None
 
+    def __del__(self) -> None:
+        # dropped without close(): let the log be opened again
+        state = getattr(self, "_s", None)
+        if state is not None:
+            state.open = False
+
     # ------------------------------------------------------------------ reads
     def _entry(self, pos: int) -> LogEntry:
         s = self._state
