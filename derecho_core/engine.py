@@ -28,13 +28,16 @@ from .gms_channel import GmsChannel
 from .handshake import load_cluster_key
 from .protocol import events as ev
 from .protocol.membership import Membership
+from .protocol.multicast import Delivery, ShardParams
+from .protocol.node import Deliver, NodeProtocol, SendRejected, SendRequest
 from .transport import MessageReceived, NotConnectedError, PeerConnected, PeerFailed, Transport
 from .view import IpAndPorts, View
 
 log = logging.getLogger("derecho.viewmanager")
 
-CH_MEMBERSHIP = b"M"
 CH_BARRIER = b"B"
+#: how many messages a sender may queue in a shard before ``send`` waits (beyond the window)
+MAX_QUEUED_SENDS = 1024
 #: messages waiting for a peer's connection (or room in its send queue); past this the peer is failed
 MAX_BACKLOG = 100_000
 
@@ -42,6 +45,8 @@ MAX_BACKLOG = 100_000
 class EngineListener(Protocol):
     def view_installed(self, view: View) -> None: ...
     def stopped(self, stop: ev.Stop) -> None: ...
+    def deliver(self, delivery: Delivery) -> None: ...
+    def send_rejected(self, tag: Any, error: Exception) -> None: ...
 
 
 class GroupStoppedError(DerechoError):
@@ -75,6 +80,7 @@ class Engine:
             suspicion_timeout_ms=conf.get("DERECHO/suspicion_timeout_ms"),
             partition_safety=not conf.get("DERECHO/disable_partitioning_safety"),
             allocate=allocate, nonce=secrets.randbits(62) or 1, subgroup_type_order=self.types)
+        self.node = NodeProtocol(self.membership, self._shard_params)
         if transport is None:
             factory = plugins.transport(conf.get("RDMA/provider"))
             transport = factory(conf, self.node_id, (ip, self.address.sst_port))
@@ -102,10 +108,10 @@ class Engine:
         now = self._now()
         if contact == (self.address.ip_address, self.address.gms_port):
             log.info("node %d starts a new group as its leader (contact %s:%d)", self.node_id, *contact)
-            actions = self.membership.start_new_group(now)
+            actions = self.node.start_new_group(now)
         else:
             log.info("node %d joins the group through %s:%d", self.node_id, *contact)
-            actions = self.membership.start_join(contact, now)
+            actions = self.node.start_join(contact, now)
         self._running = True
         self._perform(actions)
         self._thread = threading.Thread(target=self._run, name=f"derecho-engine-{self.node_id}", daemon=True)
@@ -136,6 +142,33 @@ class Engine:
         """Hand a request to the engine thread (thread-safe)."""
         self._inbox.append((kind, payload))
         self.transport.wake()
+
+    def _shard_params(self, profile: str) -> ShardParams:
+        p = self.conf.profile(profile)
+        return ShardParams(window_size=p["window_size"], max_payload_size=p["max_payload_size"],
+                           max_smc_payload_size=p["max_smc_payload_size"], block_size=p["block_size"],
+                           rdmc_send_algorithm=p["rdmc_send_algorithm"])
+
+    def send(self, subgroup_id: int, payload: bytes, *, cooked: bool = False, tag: Any = None,
+             timeout: float | None = None) -> None:
+        """Multicast ``payload`` in a subgroup; waits while this node's queue for it is long."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queued(subgroup_id) >= MAX_QUEUED_SENDS:
+            if self._stop is not None:
+                raise GroupStoppedError(self._stop.kind, self._stop.reason)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"send in subgroup {subgroup_id} waited more than {timeout} s for room")
+            time.sleep(0.0005)
+        if self._stop is not None:
+            raise GroupStoppedError(self._stop.kind, self._stop.reason)
+        self.submit("send", SendRequest(subgroup_id, bytes(payload), cooked, time.time_ns(), tag))
+
+    def _queued(self, subgroup_id: int) -> int:
+        # read from the user's thread without a lock: a length of a deque is atomic in CPython, and an
+        # approximate value is all flow control needs
+        mc = self.node.multicast
+        shard = mc.shards.get(subgroup_id) if mc is not None else None
+        return len(self._inbox) + (len(shard.queue) if shard is not None else 0)
 
     def report_failure(self, node_id: int) -> None:
         self.submit("event", ev.ReportFailure(node_id))
@@ -184,7 +217,8 @@ class Engine:
                 timeout = 0.0 if self._inbox else min(max(0.0, (deadline - self._now()) / 1000.0), 0.25)
                 for event in self.transport.poll(timeout):
                     self._on_transport_event(event)
-                while self._inbox:
+                # a bounded batch, so a flood of sends cannot starve the transport and the timers
+                for _ in range(min(len(self._inbox), 4096)):
                     kind, payload = self._inbox.popleft()
                     self._on_request(kind, payload)
                 if self.membership.next_deadline() <= self._now():
@@ -208,19 +242,16 @@ class Engine:
             self._flush_backlog()
         self._running = False
 
-    def _handle(self, event: ev.Event) -> None:
-        self._perform(self.membership.handle(event, self._now()))
+    def _handle(self, event: Any) -> None:
+        self._perform(self.node.handle(event, self._now()))
 
     def _on_transport_event(self, event: Any) -> None:
         if isinstance(event, MessageReceived):
             data = event.data
-            channel = bytes(data[:1])
-            if channel == CH_MEMBERSHIP:
-                self._handle(ev.Received(event.node_id, data[1:]))
-            elif channel == CH_BARRIER:
+            if bytes(data[:1]) == CH_BARRIER:
                 self._on_barrier(event.node_id, data[1:])
             else:
-                log.warning("dropped a message from node %d on unknown channel %r", event.node_id, channel)
+                self._handle(ev.Received(event.node_id, data))
         elif isinstance(event, PeerConnected):
             log.debug("node %d connected to node %d", self.node_id, event.node_id)
         elif isinstance(event, PeerFailed):
@@ -230,7 +261,7 @@ class Engine:
                 self._handle(ev.PeerUnreachable(event.node_id, event.reason))
 
     def _on_request(self, kind: str, payload: Any) -> None:
-        if kind == "event":
+        if kind == "event" or kind == "send":
             self._handle(payload)
         elif kind == "gms":
             self._handle(ev.ReceivedAtAddress(payload))
@@ -278,7 +309,13 @@ class Engine:
     def _perform(self, actions: list[ev.Action]) -> None:
         for action in actions:
             if isinstance(action, ev.Send):
-                self._send(action.node_id, CH_MEMBERSHIP + action.data)
+                self._send(action.node_id, action.data)
+            elif isinstance(action, Deliver):
+                if self.listener is not None:
+                    self.listener.deliver(action.delivery)
+            elif isinstance(action, SendRejected):
+                if self.listener is not None:
+                    self.listener.send_rejected(action.tag, action.error)
             elif isinstance(action, ev.SendToAddress):
                 assert self._gms is not None
                 self._gms.send(action.address, action.data)
@@ -289,8 +326,6 @@ class Engine:
                 self.transport.disconnect(action.node_id)
             elif isinstance(action, ev.InstallView):
                 self._view = action.view
-                log.info("node %d installed view %d: members %s", self.node_id, action.view.vid,
-                         action.view.members)
                 self._first_view.set()
                 for key in [k for k in self._barrier_waiters if k[0] < action.view.vid]:
                     self._barrier_waiters.pop(key).set()  # a view change ends a barrier round

@@ -15,7 +15,10 @@ from .conf import Conf
 from .engine import Engine, GroupStoppedError
 from .errors import DerechoError, SubgroupProvisioningError
 from .log import configure_logging
+from .callbacks import UserMessageCallbacks
 from .protocol.events import Stop
+from .protocol.multicast import Delivery
+from .replicated import Replicated
 from .view import View
 
 log = logging.getLogger("derecho.viewmanager")
@@ -49,7 +52,7 @@ class Group:
             subgroup_info = SubgroupInfo.from_conf(self.conf)
         self.subgroup_info = subgroup_info
         self.factories = dict(factories or {})
-        self.callbacks = callbacks
+        self.callbacks: UserMessageCallbacks | None = callbacks
         self._view_upcalls = list(view_upcalls)
         self._deliveries: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._delivery = threading.Thread(target=self._delivery_loop, name="derecho-delivery", daemon=True)
@@ -71,6 +74,15 @@ class Group:
 
     def stopped(self, stop: Stop) -> None:
         pass
+
+    def deliver(self, delivery: Delivery) -> None:
+        cb = self.callbacks.global_stability_callback if self.callbacks is not None else None
+        if cb is not None and not delivery.cooked:
+            self._deliveries.put(lambda: cb(delivery.subgroup_id, delivery.sender_id, delivery.index,
+                                            memoryview(delivery.payload), delivery.version))
+
+    def send_rejected(self, tag: object, error: Exception) -> None:
+        log.warning("a multicast was not sent: %s", error)
 
     def _delivery_loop(self) -> None:
         while True:
@@ -128,6 +140,24 @@ class Group:
 
     def get_number_of_shards(self, subgroup_type: Hashable, index: int = 0) -> int:
         return len(self._subgroup_shards(subgroup_type, index))
+
+    # ------------------------------------------------------------------ subgroups
+    def get_subgroup(self, subgroup_type: Hashable, index: int = 0) -> Replicated[Any]:
+        """This node's handle on subgroup ``index`` of ``subgroup_type`` (it must be a member)."""
+        view = self._current()
+        if not view.is_adequately_provisioned:
+            raise SubgroupProvisioningError(f"view {view.vid} is not adequately provisioned")
+        sg = view.subgroup_id(subgroup_type, index)
+        if sg not in view.my_subgroups:
+            raise DerechoError(f"node {self.get_my_id()} is not a member of subgroup {index} of "
+                               f"{getattr(subgroup_type, '__name__', subgroup_type)} in view {view.vid}; "
+                               "use get_nonmember_subgroup for a non-member handle")
+        return Replicated(self, subgroup_type, index, sg)
+
+    def _max_payload(self, subgroup_id: int) -> int:
+        view = self._current()
+        profiles = {sv.profile for sv in view.subgroup_shard_views[subgroup_id]}
+        return max(self.conf.profile(p)["max_payload_size"] for p in profiles)
 
     # ------------------------------------------------------------------ actions
     def report_failure(self, node_id: int) -> None:
