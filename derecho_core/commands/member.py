@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     stop_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    emit("starting", node=conf.get("DERECHO/local_id"))
     try:
         group = Group(conf=conf, view_upcalls=[on_view])
     except GroupStoppedError as exc:
