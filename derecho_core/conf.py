@@ -166,8 +166,10 @@ KEYS: tuple[Key, ...] = (
     _k("DERECHO/rdmc_port", 31675, _parse_port, "port", "Port of the RDMC (large message) connections."),
     _k("DERECHO/external_port", 32645, _parse_port, "port", "Port for P2P connections with external clients."),
     _k("DERECHO/max_node_id", 1024, _at_least(1), "int", "Exclusive upper bound of node ids."),
-    _k("DERECHO/p2p_loop_busy_wait_before_sleep_ms", 250, _at_least(0), "int",
-       "How long a receive loop polls before it sleeps between polls."),
+    _k("DERECHO/p2p_loop_busy_wait_before_sleep_ms", 0, _at_least(0), "int",
+       "How long a transport's poll keeps busy-polling after activity before it sleeps. C++ Derecho "
+       "spins for 250 ms; derecho-py defaults to 0 (sleep at once): on a machine with few cores a "
+       "spinning poller steals the CPU from the other processes and from this node's own threads."),
     _k("DERECHO/heartbeat_ms", 100, _at_least(1), "int",
        "Period of the failure detector's heartbeats. C++ Derecho's default is 1 ms of busy polling; "
        "derecho-py sleeps between heartbeats, so its default is 100 ms."),

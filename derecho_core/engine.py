@@ -45,7 +45,7 @@ MAX_BACKLOG = 100_000
 class EngineListener(Protocol):
     def view_installed(self, view: View) -> None: ...
     def stopped(self, stop: ev.Stop) -> None: ...
-    def deliver(self, delivery: Delivery) -> None: ...
+    def deliver(self, deliveries: list[Delivery]) -> None: ...
     def send_rejected(self, tag: Any, error: Exception) -> None: ...
 
 
@@ -140,8 +140,11 @@ class Engine:
 
     def submit(self, kind: str, payload: Any = None) -> None:
         """Hand a request to the engine thread (thread-safe)."""
+        was_empty = not self._inbox
         self._inbox.append((kind, payload))
-        self.transport.wake()
+        if was_empty:
+            # the engine drains the whole inbox once awake: one wake-up per burst, not per request
+            self.transport.wake()
 
     def _shard_params(self, profile: str) -> ShardParams:
         p = self.conf.profile(profile)
@@ -152,8 +155,10 @@ class Engine:
     def send(self, subgroup_id: int, payload: bytes, *, cooked: bool = False, tag: Any = None,
              timeout: float | None = None) -> None:
         """Multicast ``payload`` in a subgroup; waits while this node's queue for it is long."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None
         while self._queued(subgroup_id) >= MAX_QUEUED_SENDS:
+            if deadline is None and timeout is not None:
+                deadline = time.monotonic() + timeout
             if self._stop is not None:
                 raise GroupStoppedError(self._stop.kind, self._stop.reason)
             if deadline is not None and time.monotonic() > deadline:
@@ -215,14 +220,20 @@ class Engine:
             while self._running:
                 deadline = self.membership.next_deadline()
                 timeout = 0.0 if self._inbox else min(max(0.0, (deadline - self._now()) / 1000.0), 0.25)
+                batch: list[Any] = []
                 for event in self.transport.poll(timeout):
-                    self._on_transport_event(event)
+                    self._on_transport_event(event, batch)
                 # a bounded batch, so a flood of sends cannot starve the transport and the timers
                 for _ in range(min(len(self._inbox), 4096)):
                     kind, payload = self._inbox.popleft()
-                    self._on_request(kind, payload)
+                    if kind == "send":
+                        batch.append(payload)
+                    else:
+                        self._on_request(kind, payload)
                 if self.membership.next_deadline() <= self._now():
-                    self._handle(ev.Tick())
+                    batch.append(ev.Tick())
+                if batch:
+                    self._perform(self.node.handle_many(batch, self._now()))
                 self._flush_backlog()
                 if self._stop is not None:
                     self._finish()
@@ -245,23 +256,23 @@ class Engine:
     def _handle(self, event: Any) -> None:
         self._perform(self.node.handle(event, self._now()))
 
-    def _on_transport_event(self, event: Any) -> None:
+    def _on_transport_event(self, event: Any, batch: list[Any]) -> None:
         if isinstance(event, MessageReceived):
             data = event.data
             if bytes(data[:1]) == CH_BARRIER:
                 self._on_barrier(event.node_id, data[1:])
             else:
-                self._handle(ev.Received(event.node_id, data))
+                batch.append(ev.Received(event.node_id, data))
         elif isinstance(event, PeerConnected):
             log.debug("node %d connected to node %d", self.node_id, event.node_id)
         elif isinstance(event, PeerFailed):
             self._backlog.pop(event.node_id, None)
             view = self._view
             if view is not None and view.rank_of(event.node_id) >= 0:
-                self._handle(ev.PeerUnreachable(event.node_id, event.reason))
+                batch.append(ev.PeerUnreachable(event.node_id, event.reason))
 
     def _on_request(self, kind: str, payload: Any) -> None:
-        if kind == "event" or kind == "send":
+        if kind == "event":
             self._handle(payload)
         elif kind == "gms":
             self._handle(ev.ReceivedAtAddress(payload))
@@ -307,12 +318,12 @@ class Engine:
 
     # ------------------------------------------------------------------ actions
     def _perform(self, actions: list[ev.Action]) -> None:
+        deliveries: list[Delivery] = []
         for action in actions:
             if isinstance(action, ev.Send):
                 self._send(action.node_id, action.data)
             elif isinstance(action, Deliver):
-                if self.listener is not None:
-                    self.listener.deliver(action.delivery)
+                deliveries.append(action.delivery)
             elif isinstance(action, SendRejected):
                 if self.listener is not None:
                     self.listener.send_rejected(action.tag, action.error)
@@ -325,6 +336,9 @@ class Engine:
                 self._backlog.pop(action.node_id, None)
                 self.transport.disconnect(action.node_id)
             elif isinstance(action, ev.InstallView):
+                if deliveries and self.listener is not None:
+                    self.listener.deliver(deliveries)  # the old view's messages before the new view
+                deliveries = []
                 self._view = action.view
                 self._first_view.set()
                 for key in [k for k in self._barrier_waiters if k[0] < action.view.vid]:
@@ -337,6 +351,8 @@ class Engine:
                 self._set_stop(action)
             elif isinstance(action, ev.Log):
                 log.log(action.level, action.message, *action.args)
+        if deliveries and self.listener is not None:
+            self.listener.deliver(deliveries)
 
     def _set_stop(self, stop: ev.Stop) -> None:
         if self._stop is not None:

@@ -58,6 +58,7 @@ class Group:
         self._delivery = threading.Thread(target=self._delivery_loop, name="derecho-delivery", daemon=True)
         self._delivery.start()
         self._left = False
+        self._max_payload_cache: dict[int, tuple[View, int]] = {}
         self._engine = Engine(self.conf, subgroup_info=subgroup_info, types=self.types, listener=self)
         try:
             self._engine.start()
@@ -75,11 +76,18 @@ class Group:
     def stopped(self, stop: Stop) -> None:
         pass
 
-    def deliver(self, delivery: Delivery) -> None:
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        """Engine thread: hand a batch of delivered messages to the delivery thread, in order."""
         cb = self.callbacks.global_stability_callback if self.callbacks is not None else None
-        if cb is not None and not delivery.cooked:
-            self._deliveries.put(lambda: cb(delivery.subgroup_id, delivery.sender_id, delivery.index,
-                                            memoryview(delivery.payload), delivery.version))
+        if cb is None:
+            return
+
+        def run() -> None:
+            for d in deliveries:
+                if not d.cooked:
+                    cb(d.subgroup_id, d.sender_id, d.index, memoryview(d.payload), d.version)
+
+        self._deliveries.put(run)
 
     def send_rejected(self, tag: object, error: Exception) -> None:
         log.warning("a multicast was not sent: %s", error)
@@ -155,9 +163,15 @@ class Group:
         return Replicated(self, subgroup_type, index, sg)
 
     def _max_payload(self, subgroup_id: int) -> int:
+        view = self._engine.view  # the hot path of every send: cached per view
+        cached = self._max_payload_cache.get(subgroup_id)
+        if cached is not None and cached[0] is view:
+            return cached[1]
         view = self._current()
         profiles = {sv.profile for sv in view.subgroup_shard_views[subgroup_id]}
-        return max(self.conf.profile(p)["max_payload_size"] for p in profiles)
+        size = max(self.conf.get(f"SUBGROUP/{p}/max_payload_size") for p in profiles)
+        self._max_payload_cache[subgroup_id] = (view, size)
+        return size
 
     # ------------------------------------------------------------------ actions
     def report_failure(self, node_id: int) -> None:

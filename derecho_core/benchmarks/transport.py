@@ -323,11 +323,13 @@ def run(args: argparse.Namespace) -> int:
         raw[p] = []
     errors: dict[str, str] = {}
     # interleave the runs, so a noisy neighbour hurts every row alike
-    for _ in range(runs):
+    for run_no in range(runs):
+        print(f"run {run_no + 1}/{runs}: plain sockets", file=sys.stderr, flush=True)
         raw["plain"].append(_plain_run(iters, streams))
         for p in providers:
             if p in errors:
                 continue
+            print(f"run {run_no + 1}/{runs}: {p}", file=sys.stderr, flush=True)
             try:
                 raw[p].append(_transport_run(p, iters, streams, overrides))
             except Exception as exc:  # noqa: BLE001 - report, go on with the others

@@ -43,7 +43,7 @@ def make_version(vid: int, seq: int) -> int:
     return (vid << 32) | (seq & 0xFFFFFFFF)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """A message to hand to the application (or the RPC layer) in delivery order."""
 

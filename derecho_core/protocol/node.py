@@ -102,6 +102,32 @@ class NodeProtocol:
             return self._after([], now)
         return self._after(self.membership.handle(event, now), now)
 
+    def handle_many(self, events: list[Any], now: float) -> list[Action]:
+        """Handle a batch of events with one multicast step at the end.
+
+        This is where batching comes from: sends queued together leave in one
+        transport message per peer, and one status update covers many receipts.
+        """
+        actions: list[Action] = []
+        poke = False
+        for event in events:
+            if isinstance(event, SendRequest):
+                self._submit(event)
+            elif isinstance(event, Received) and bytes(event.data[:1]) == CH_MULTICAST:
+                self._on_multicast(event.node_id, event.data[1:])
+                poke = True
+            elif isinstance(event, Received) and bytes(event.data[:1]) == CH_MEMBERSHIP:
+                actions.extend(self.membership.handle(Received(event.node_id, event.data[1:]), now))
+            elif isinstance(event, Received):
+                self._out.append(Log(logging.WARNING, "dropped a message from node %d on unknown channel %r",
+                                     (event.node_id, bytes(event.data[:1]))))
+            else:
+                actions.extend(self.membership.handle(event, now))
+        m = self.membership
+        if poke and m.view is not None and m.stopped is None and m.my_row.wedged:
+            actions.extend(m.poke(now))
+        return self._after(actions, now)
+
     # ------------------------------------------------------------------ multicast in
     def _on_multicast(self, sender: int, data: Any) -> None:
         try:

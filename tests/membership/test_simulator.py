@@ -112,18 +112,19 @@ def test_restarted_node_rejoins_under_its_id():
 @pytest.mark.timeout(60)
 def test_second_node_with_an_id_in_use_is_refused():
     cluster = start_group(3)
-    intruder = cluster.nodes[1]
-    cluster.nodes[1] = intruder  # keep the running node 1; start a second process claiming id 1
+    # node 1 keeps running; a second process claims id 1
     from derecho_core.protocol.membership import Membership
     from derecho_core.view import IpAndPorts
 
     rogue = Membership(1, IpAndPorts("sim-rogue", 9001, 9002, 9003, 9004, 9005), nonce=999)
     cluster.by_gms[("sim-rogue", 9001)] = 99
+    from derecho_core.protocol.node import NodeProtocol
     from derecho_core.sim.cluster import SimNode
 
-    cluster.nodes[99] = SimNode(99, rogue.address, rogue)
+    node = NodeProtocol(rogue)
+    cluster.nodes[99] = SimNode(99, rogue.address, rogue, node=node)
     contact = cluster.nodes[0].address
-    cluster._perform(cluster.nodes[99], rogue.start_join((contact.ip_address, contact.gms_port), cluster.now))
+    cluster._perform(cluster.nodes[99], node.start_join((contact.ip_address, contact.gms_port), cluster.now))
     cluster.run_until(cluster.now + 500)
     stop = cluster.nodes[99].stop
     assert stop is not None and stop.kind == "id_in_use"
