@@ -37,6 +37,7 @@ MiB = 1 << 20
 #: default volumes per run: (message size, count)
 STREAMS = ((1 * MiB, 256), (64 * MiB, 8))
 WARMUP = 3  # messages of each size sent (and acknowledged) before the clock starts
+REPLY_TIMEOUT = 60.0  # no step of a run may take longer: a hung transport is reported, not waited for
 
 
 # ----------------------------------------------------------------------------- servers (subprocess side)
@@ -122,7 +123,10 @@ class _Server:
             [sys.executable, "-m", "derecho_core.benchmarks.transport", "--serve", kind,
              "--conf", json.dumps(overrides)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        import select as _select
+
+        ready = _select.select([self.proc.stdout], [], [], 60.0)[0] if self.proc.stdout else []
+        line = self.proc.stdout.readline() if ready and self.proc.stdout else ""
         if not line.strip():
             err = self.proc.stderr.read() if self.proc.stderr else ""
             self.stop()
@@ -149,7 +153,7 @@ def _pct(values: list[float], q: float) -> float:
 def _plain_run(iters: int, streams: tuple[tuple[int, int], ...]) -> dict[str, float]:
     srv = _Server("plain", {})
     try:
-        s = socket.create_connection((HOST, srv.port))
+        s = socket.create_connection((HOST, srv.port), timeout=REPLY_TIMEOUT)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         out: dict[str, float] = {}
         msg = HDR.pack(64, K_ECHO) + bytes(64)
@@ -210,19 +214,21 @@ def _transport_run(provider: str, iters: int, streams: tuple[tuple[int, int], ..
                 raise RuntimeError("could not connect within 20 s")
 
         def wait_message() -> Any:
-            while True:
-                for e in t.poll(5.0):
+            limit = time.monotonic() + REPLY_TIMEOUT
+            while time.monotonic() < limit:
+                for e in t.poll(1.0):
                     if isinstance(e, MessageReceived):
                         return e.data
                     if isinstance(e, PeerFailed):
                         raise RuntimeError(f"server failed: {e.reason}")
+            raise RuntimeError(f"no reply within {REPLY_TIMEOUT} s")
 
         out: dict[str, float] = {}
         head, body = b"\x00", bytes(63)
         lat = []
         for i in range(iters + iters // 10):
             t0 = time.perf_counter()
-            t.send(2, [head, body])
+            t.send(2, [head, body], timeout=REPLY_TIMEOUT)
             wait_message()
             if i >= iters // 10:
                 lat.append((time.perf_counter() - t0) / 2)
@@ -232,13 +238,13 @@ def _transport_run(provider: str, iters: int, streams: tuple[tuple[int, int], ..
             data = bytes(size)
             sink = b"\x01"
             for _ in range(WARMUP):
-                t.send(2, [sink, data])
-            t.send(2, [b"\x02"])
+                t.send(2, [sink, data], timeout=REPLY_TIMEOUT)
+            t.send(2, [b"\x02"], timeout=REPLY_TIMEOUT)
             wait_message()
             t0 = time.perf_counter()
             for _ in range(count):
-                t.send(2, [sink, data])
-            t.send(2, [b"\x02"])
+                t.send(2, [sink, data], timeout=REPLY_TIMEOUT)
+            t.send(2, [b"\x02"], timeout=REPLY_TIMEOUT)
             wait_message()
             out[f"stream_{size // MiB}MiB_GBps"] = size * count / (time.perf_counter() - t0) / 1e9
         return out

@@ -564,7 +564,11 @@ class SocketsTransport(Transport):
                         f"no handshake within {self.timeout_s * 1000:.0f} ms"), log_level=logging.WARNING)
                 else:
                     due = min(due, conn.deadline)
-            elif conn.state == "open" and conn.iov:
+            elif conn.state == "open" and conn.lowat > 1:
+                # safety net: never rely on SO_RCVLOWAT alone (memory pressure may keep the kernel
+                # from buffering that much); drop it now and then, the next EAGAIN raises it again
+                self._set_lowat(conn, 1)
+            if conn.state == "open" and conn.iov:
                 if now - conn.last_progress > self.timeout_s:
                     log.warning("node %d: %s: no send progress for %.0f ms, reporting it failed",
                                 self.node_id, conn.label(), self.timeout_s * 1000)
