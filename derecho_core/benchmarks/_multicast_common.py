@@ -49,7 +49,8 @@ def run_group(args: argparse.Namespace, size: int) -> list[dict[str, Any]]:
         p = ports[node]
         cmd = [sys.executable, "-m", "derecho_core.benchmarks._multicast_worker", "--nodes", str(n),
                "--selector", str(args.sender_selector), "--count", str(args.num_messages),
-               *(["--raw"] if args.delivery_mode == 1 else []), *conf, f"--DERECHO/local_id={node}",
+               *(["--raw"] if args.delivery_mode == 1 else []), *(["--pace"] if getattr(args, "pace", False) else []),
+               *conf, f"--DERECHO/local_id={node}",
                f"--DERECHO/gms_port={p[0]}", f"--DERECHO/state_transfer_port={p[1]}", f"--DERECHO/sst_port={p[2]}",
                f"--DERECHO/rdmc_port={p[3]}", f"--DERECHO/external_port={p[4]}"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--selector", type=int, default=0)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--raw", action="store_true")
+    p.add_argument("--pace", action="store_true",
+                   help="latency test: keep at most window_size own messages outstanding, and stamp a message "
+                        "when it is handed over (as Derecho stamps in the send generator, after the window wait)")
     args, rest = p.parse_known_args(argv)
     conf, _ = Conf.parse_args(rest)
     me = conf.get("DERECHO/local_id")
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
+    own_done = [0]
+    own_progress = threading.Event()
 
     def on_delivery(sg: int, sender: int, index: int, payload: memoryview, version: int) -> None:
         nonlocal delivered, delivered_bytes
@@ -60,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             t = sent_at.pop(index, None)
             if t is not None:
                 latencies.append((time.perf_counter() - t) * 1e6)
+            own_done[0] += 1
+            own_progress.set()
         if delivered == total:
             done.set()
 
@@ -70,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     is_sender = senders_of(args.nodes, args.selector)[rank]
     payload = b"x" * size
     start = time.perf_counter()
+    window = conf.get("SUBGROUP/DEFAULT/window_size")
     if is_sender:
         handle = group.get_subgroup(RawObject)
         for i in range(args.count):
+            if args.pace:
+                while i - own_done[0] >= window and not done.is_set():
+                    own_progress.wait(0.01)
+                    own_progress.clear()
             sent_at[i] = time.perf_counter()
             handle.send(payload)
     ok = done.wait(600)

@@ -30,6 +30,7 @@ from ._multicast_common import run_group, write_line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common_args(parser)
+    parser.set_defaults(pace=True)
 
 
 def socket_round_trip_us(size: int, count: int = 2000) -> float:
