@@ -88,7 +88,7 @@ class Engine:
         self.key = load_cluster_key(conf)
         self._gms: GmsChannel | None = None
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
-        self._backlog: dict[int, collections.deque[bytes]] = {}
+        self._backlog: dict[int, collections.deque[Any]] = {}
         self._thread: threading.Thread | None = None
         self._running = False
         self._lock = threading.Lock()
@@ -364,11 +364,12 @@ class Engine:
         if self.listener is not None:
             self.listener.stopped(stop)
 
-    def _send(self, node_id: int, data: bytes) -> None:
+    def _send(self, node_id: int, data: Any) -> None:
+        """``data`` is bytes, or a tuple of buffers sent as one message (RDMC blocks, without a copy)."""
         backlog = self._backlog.get(node_id)
         if not backlog:
             try:
-                if self.transport.try_send(node_id, [data]):
+                if self.transport.try_send(node_id, data if isinstance(data, tuple) else [data]):
                     return
             except NotConnectedError:
                 pass
@@ -391,7 +392,8 @@ class Engine:
                 continue
             while backlog:
                 try:
-                    if not self.transport.try_send(node_id, [backlog[0]]):
+                    head = backlog[0]
+                    if not self.transport.try_send(node_id, head if isinstance(head, tuple) else [head]):
                         break
                 except NotConnectedError:
                     break

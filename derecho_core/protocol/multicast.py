@@ -21,6 +21,7 @@ A pure state machine (DESIGN §4) following Derecho's MulticastGroup (spec §5):
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -30,12 +31,37 @@ from . import rdmc, wire
 
 #: message kinds on the multicast channel: [vid, subgroup_id, kind, ...]
 DATA = "d"      # [vid, sg, DATA, first_index, [entry, ...]]   entry: [ts, cooked, payload] or [-k] (k nulls)
-BLOCK = "b"     # [vid, sg, BLOCK, sender_id, index, ts, cooked, total_len, block_no, n_blocks, bytes]
+# RDMC blocks travel on their own channel as a msgpack header followed by the raw block bytes (no copy):
+#   header [vid, sg, sender_id, index, ts, cooked, total_len, block_no, n_blocks]; see encode_block
 STATUS = "s"    # [vid, sg, STATUS, seq_num, delivered_num, [num_received per sender], final]
 TRIM = "t"      # [vid, sg, TRIM, leader_id, [last index per sender]]
 ECHO = "e"      # [vid, sg, ECHO, leader_id, [last index per sender]]
 
 INVALID_VERSION = -1
+
+
+_HEADER_LEN = struct.Struct("<I")
+
+
+def encode_block_header(vid: int, sg: int, origin: int, index: int, ts: int, cooked: bool, total: int,
+                        block: int, n_blocks: int) -> bytes:
+    """The framing of an RDMC block: u32 header length, msgpack header; the raw block bytes follow."""
+    header = wire.encode(vid, sg, origin, index, ts, cooked, total, block, n_blocks)
+    return _HEADER_LEN.pack(len(header)) + header
+
+
+def decode_block(data: Any) -> tuple[list[Any], memoryview]:
+    """Split a block frame into its header fields and a zero-copy view of the block bytes."""
+    view = memoryview(data)
+    if len(view) < 4:
+        raise wire.WireError("truncated RDMC block frame")
+    (n,) = _HEADER_LEN.unpack(view[:4])
+    if n > 4096 or 4 + n > len(view):
+        raise wire.WireError(f"RDMC block header of {n} bytes in a frame of {len(view)}")
+    header = wire.decode_any(view[4:4 + n])
+    if not isinstance(header, list) or len(header) != 9:
+        raise wire.WireError("an RDMC block header must have 9 fields")
+    return header, view[4 + n:]
 
 
 def make_version(vid: int, seq: int) -> int:
@@ -131,7 +157,8 @@ class ShardMulticast:
         self._data_out: list[list[Any]] = []
         self._data_first = 0
         self._status_dirty = True
-        self.out: list[tuple[int, bytes]] = []
+        #: (node, bytes) on the multicast channel, or (node, (block header, block view)) for RDMC blocks
+        self.out: list[tuple[int, Any]] = []
         self.deliveries: list[Delivery] = []
         self.log: list[tuple[int, str]] = []
 
@@ -231,11 +258,16 @@ class ShardMulticast:
     def _send_blocks(self, index: int, p: _Pending) -> None:
         bs = self.params.block_size
         n_blocks = max(1, -(-len(p.payload) // bs))
-        order = [self.my_id] + [m for m in self.members if m != self.my_id and m not in self.failed]
+        # every member derives the same schedule from the full member list rotated to the sender; blocks
+        # meant for (or relayed through) failed members are lost, and the ragged trim accounts for it
+        order = [self.my_id] + [m for m in self.members if m != self.my_id]
+        view = memoryview(p.payload)
         for block, target in rdmc.first_sends(self.params.rdmc_send_algorithm, len(order), n_blocks):
-            self.out.append((order[target], self._encode(
-                BLOCK, self.my_id, index, p.timestamp_ns, p.cooked, len(p.payload), block, n_blocks,
-                p.payload[block * bs:(block + 1) * bs])))
+            if order[target] not in self.failed:
+                self.out.append((order[target], (
+                    encode_block_header(self.vid, self.sg, self.my_id, index, p.timestamp_ns, p.cooked,
+                                        len(p.payload), block, n_blocks),
+                    view[block * bs:(block + 1) * bs])))
 
     # ------------------------------------------------------------------ receiving
     def on_message(self, sender: int, kind: str, fields: list[Any]) -> None:
@@ -243,8 +275,6 @@ class ShardMulticast:
             return
         if kind == DATA:
             self._on_data(sender, fields)
-        elif kind == BLOCK:
-            self._on_block(sender, fields)
         elif kind == STATUS:
             self._on_status(sender, fields)
         elif kind in (TRIM, ECHO):
@@ -272,16 +302,19 @@ class ShardMulticast:
                 raise wire.WireError(f"bad DATA entry {entry!r}")
         self._answer_with_nulls(rank, index - 1)
 
-    def _on_block(self, sender: int, fields: list[Any]) -> None:
-        if len(fields) != 8:
-            raise wire.WireError("BLOCK must have 8 fields")
-        origin, index, ts, cooked, total, block, n_blocks, data = fields
+    def on_block(self, sender: int, fields: list[Any], data: Any) -> None:
+        """An RDMC block: ``fields`` from its header (after vid and subgroup), ``data`` a memoryview."""
+        if sender not in self.members or sender in self.failed:
+            return
+        if len(fields) != 7:
+            raise wire.WireError("an RDMC block header must have 9 fields")
+        origin, index, ts, cooked, total, block, n_blocks = fields
         origin = wire.check_int(origin, "origin")
         index = wire.check_int(index, "index")
         block = wire.check_int(block, "block")
         n_blocks = wire.check_int(n_blocks, "block count", 1, 1 << 24)
         total = wire.check_int(total, "length", 0, self.params.max_payload_size)
-        if origin not in self.senders or not isinstance(data, bytes) or not isinstance(cooked, bool) \
+        if origin not in self.senders or not isinstance(cooked, bool) \
                 or block >= n_blocks or len(data) > self.params.block_size:
             raise wire.WireError("malformed BLOCK")
         rank = self.senders.index(origin)
@@ -298,11 +331,12 @@ class ShardMulticast:
         for target_rank in rdmc.relays(self.params.rdmc_send_algorithm, len(order), n_blocks, me, block):
             target = order[target_rank]
             if target not in self.failed:
-                self.out.append((target, self._encode(BLOCK, origin, index, partial.ts, cooked, total, block,
-                                                      n_blocks, data)))
+                self.out.append((target, (encode_block_header(self.vid, self.sg, origin, index, partial.ts, cooked,
+                                                              total, block, n_blocks), data)))
         if len(partial.blocks) == n_blocks:
             del self.partials[(rank, index)]
-            payload = b"".join(partial.blocks[b] for b in range(n_blocks))
+            # one block: keep the received memory as it is (the transport hands it over); else one copy
+            payload = partial.blocks[0] if n_blocks == 1 else b"".join(partial.blocks[b] for b in range(n_blocks))
             if len(payload) != total:
                 raise wire.WireError(f"RDMC message of {len(payload)} bytes announced as {total}")
             self._record(rank, index, (partial.ts, cooked, payload))
@@ -521,13 +555,20 @@ class ViewMulticast:
             raise wire.WireError("multicast kind must be a string")
         shard.on_message(sender, msg[2], msg[3:])
 
+    def on_block(self, sender: int, header: list[Any], data: memoryview) -> None:
+        vid = wire.check_int(header[0], "vid")
+        sg = wire.check_int(header[1], "subgroup id")
+        shard = self.shards.get(sg) if vid == self.vid else None
+        if shard is not None:
+            shard.on_block(sender, header[2:], data)
+
     def step(self) -> None:
         for shard in self.shards.values():
             shard.pump()
             shard.deliver()
 
-    def flush(self) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
+    def flush(self) -> list[tuple[int, Any]]:
+        out: list[tuple[int, Any]] = []
         for shard in self.shards.values():
             shard.flush()
             out.extend(shard.out)

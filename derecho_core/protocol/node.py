@@ -26,10 +26,11 @@ from .events import (
     WedgeView,
 )
 from .membership import Membership
-from .multicast import Delivery, PayloadTooLarge, ShardParams, ViewMulticast
+from .multicast import Delivery, PayloadTooLarge, ShardParams, ViewMulticast, decode_block
 
 CH_MEMBERSHIP = b"M"
 CH_MULTICAST = b"C"
+CH_BLOCK = b"K"
 MAX_EARLY = 100_000  # multicast messages held for a view not installed yet
 
 
@@ -64,7 +65,7 @@ class NodeProtocol:
         self.membership = membership
         self.params_for = params_for or (lambda profile: ShardParams())
         self.multicast: ViewMulticast | None = None
-        self._early: list[tuple[int, int, Any]] = []  # (vid, sender, data)
+        self._early: list[tuple[int, int, Any]] = []  # (vid, sender, (is_block, data))
         self._out: list[Action] = []
         membership.ready_to_install = self._ready_to_install
 
@@ -91,8 +92,8 @@ class NodeProtocol:
             channel = bytes(data[:1])
             if channel == CH_MEMBERSHIP:
                 return self._after(self.membership.handle(Received(event.node_id, data[1:]), now), now)
-            if channel == CH_MULTICAST:
-                self._on_multicast(event.node_id, data[1:])
+            if channel in (CH_MULTICAST, CH_BLOCK):
+                self._on_multicast(event.node_id, data[1:], channel == CH_BLOCK)
                 # only a view change in progress can be waiting for the multicast layer (the ragged trim)
                 m = self.membership
                 busy = m.view is not None and m.stopped is None and m.my_row.wedged
@@ -113,8 +114,8 @@ class NodeProtocol:
         for event in events:
             if isinstance(event, SendRequest):
                 self._submit(event)
-            elif isinstance(event, Received) and bytes(event.data[:1]) == CH_MULTICAST:
-                self._on_multicast(event.node_id, event.data[1:])
+            elif isinstance(event, Received) and bytes(event.data[:1]) in (CH_MULTICAST, CH_BLOCK):
+                self._on_multicast(event.node_id, event.data[1:], bytes(event.data[:1]) == CH_BLOCK)
                 poke = True
             elif isinstance(event, Received) and bytes(event.data[:1]) == CH_MEMBERSHIP:
                 actions.extend(self.membership.handle(Received(event.node_id, event.data[1:]), now))
@@ -129,20 +130,27 @@ class NodeProtocol:
         return self._after(actions, now)
 
     # ------------------------------------------------------------------ multicast in
-    def _on_multicast(self, sender: int, data: Any) -> None:
+    def _on_multicast(self, sender: int, data: Any, block: bool = False) -> None:
         try:
-            msg = wire.decode_any(data)
-            if not isinstance(msg, list) or len(msg) < 3:
-                raise wire.WireError("multicast message must be [vid, subgroup, kind, ...]")
-            vid = wire.check_int(msg[0], "vid")
+            if block:
+                header, payload = decode_block(data)
+                vid = wire.check_int(header[0], "vid")
+            else:
+                msg = wire.decode_any(data)
+                if not isinstance(msg, list) or len(msg) < 3:
+                    raise wire.WireError("multicast message must be [vid, subgroup, kind, ...]")
+                vid = wire.check_int(msg[0], "vid")
             mc = self.multicast
             if mc is None or vid > mc.vid:
                 if len(self._early) < MAX_EARLY:
-                    self._early.append((vid, sender, data))
+                    self._early.append((vid, sender, (block, data)))
                 return
             if vid < mc.vid:
                 return
-            mc.on_message(sender, data)
+            if block:
+                mc.on_block(sender, header, payload)
+            else:
+                mc.on_message(sender, data)
         except wire.WireError as exc:
             self._out.append(Log(logging.WARNING, "dropped a bad multicast message from node %d: %s",
                                  (sender, exc)))
@@ -197,7 +205,11 @@ class NodeProtocol:
         if mc is None:
             return []
         out: list[Action] = [Deliver(d) for d in mc.take_deliveries()]
-        out.extend(Send(node, CH_MULTICAST + data) for node, data in mc.flush())
+        for node, data in mc.flush():
+            if isinstance(data, tuple):  # an RDMC block: header and a view of the bytes, sent without a copy
+                out.append(Send(node, (CH_BLOCK + data[0], data[1])))  # type: ignore[arg-type]
+            else:
+                out.append(Send(node, CH_MULTICAST + data))
         return out
 
     def _install(self, view: View) -> None:
@@ -219,14 +231,18 @@ class NodeProtocol:
                                          "node %d is no sender there in view %d", (len(pending), sg,
                                                                                   self.membership.id, view.vid)))
             early, self._early = self._early, []
-            for vid, sender, data in early:
+            for vid, sender, (block, data) in early:
                 if vid == mc.vid:
                     try:
-                        mc.on_message(sender, data)
+                        if block:
+                            header, payload = decode_block(data)
+                            mc.on_block(sender, header, payload)
+                        else:
+                            mc.on_message(sender, data)
                     except wire.WireError as exc:
                         self._out.append(Log(logging.WARNING, "dropped a bad multicast message from node %d: %s",
                                              (sender, exc)))
                 elif vid > mc.vid:
-                    self._early.append((vid, sender, data))
+                    self._early.append((vid, sender, (block, data)))
         else:
             self._early = []

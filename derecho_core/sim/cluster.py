@@ -199,7 +199,8 @@ class Cluster:
     def _perform(self, node: SimNode, actions: list[ev.Action]) -> None:
         for action in actions:
             if isinstance(action, ev.Send):
-                self._transmit(node, ("node", action.node_id), action.node_id, action.data, member=True)
+                data = b"".join(bytes(b) for b in action.data) if isinstance(action.data, tuple) else action.data
+                self._transmit(node, ("node", action.node_id), action.node_id, data, member=True)
             elif isinstance(action, ev.SendToAddress):
                 dst = self.by_gms.get(action.address)
                 if dst is not None:
