@@ -14,8 +14,11 @@ help:
 	@echo "make demo       set up, then run a local multi-node group"
 	@echo "make test       set up, then run the whole test suite (what CI runs)"
 	@echo "make test-long  longer simulator and chaos sweeps"
-	@echo "make bench      benchmarks with same-run baselines"
-	@echo "make lint       ruff"
+	@echo "make bench      benchmarks with same-run baselines (derecho bench NAME for one)"
+	@echo "make lint       ruff and mypy (make typecheck: mypy alone)"
+	@echo "make docs       the documentation site (mkdocs) into site/"
+	@echo "make dist       wheels and sdists of all six distributions into dist/"
+	@echo "make version V=x.y.z   set the version of every distribution"
 
 setup: $(STAMP)
 
@@ -52,6 +55,7 @@ demo: setup
 	$(PY) examples/membership_demo.py
 
 bench: setup
+	$(PIP) install --quiet -e '.[bench]'
 	$(VENV)/bin/derecho bench all
 
 lint: setup typecheck

@@ -17,11 +17,12 @@ from ..testing.processes import free_ports
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("num_nodes", type=int)
-    parser.add_argument("sender_selector", type=int, choices=(0, 1, 2),
-                        help="0 all nodes send, 1 half of them, 2 one")
-    parser.add_argument("num_messages", type=int)
-    parser.add_argument("delivery_mode", type=int, choices=(0, 1), help="0 ORDERED, 1 UNORDERED (raw)")
+    parser.add_argument("num_nodes", type=int, nargs="?", default=3, help="processes to start (default 3)")
+    parser.add_argument("sender_selector", type=int, nargs="?", default=0, choices=(0, 1, 2),
+                        help="0 all nodes send, 1 half of them, 2 one (default 0)")
+    parser.add_argument("num_messages", type=int, nargs="?", default=2000, help="messages per sender")
+    parser.add_argument("delivery_mode", type=int, nargs="?", default=0, choices=(0, 1),
+                        help="0 ORDERED, 1 UNORDERED (raw)")
     parser.add_argument("--size", type=int, default=None,
                         help="payload size (SUBGROUP/DEFAULT/max_payload_size; default 10240)")
     parser.add_argument("--window", type=int, default=None, help="SUBGROUP/DEFAULT/window_size")
