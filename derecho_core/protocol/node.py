@@ -231,18 +231,7 @@ class NodeProtocol:
                                          "node %d is no sender there in view %d", (len(pending), sg,
                                                                                   self.membership.id, view.vid)))
             early, self._early = self._early, []
-            for vid, sender, (block, data) in early:
-                if vid == mc.vid:
-                    try:
-                        if block:
-                            header, payload = decode_block(data)
-                            mc.on_block(sender, header, payload)
-                        else:
-                            mc.on_message(sender, data)
-                    except wire.WireError as exc:
-                        self._out.append(Log(logging.WARNING, "dropped a bad multicast message from node %d: %s",
-                                             (sender, exc)))
-                elif vid > mc.vid:
-                    self._early.append((vid, sender, (block, data)))
+            for _vid, sender, (block, data) in early:
+                self._on_multicast(sender, data, block)  # now this view's, or kept for a later one
         else:
             self._early = []
