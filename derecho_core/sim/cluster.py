@@ -28,6 +28,8 @@ class SimParams:
     #: after a crash, how soon a peer's transport reports the broken connection (None: never; a hung node)
     reset_detect_ms: tuple[float, float] = (1.0, 30.0)
     partition_safety: bool = True
+    #: a cut link breaks (both ends told the peer is unreachable) after this long, like a TCP timeout
+    link_timeout_ms: float = 600.0
     #: multicast traffic: None (membership only), or "ordered" / "raw"
     traffic: str | None = None
     #: payload size of the generated messages; above max_smc they travel by RDMC
@@ -69,6 +71,11 @@ class Cluster:
         self._link_clock: dict[tuple[Any, Any], float] = {}
         #: pairs of node ids that cannot talk (both directions)
         self.cut: set[frozenset[int]] = set()
+        self._cut_epoch: dict[frozenset[int], int] = {}
+        #: member messages waiting for a heal, per (src, dst), with their send order
+        self._held: dict[tuple[int, int], list[tuple[int, Callable[[], None]]]] = {}
+        #: (src, src incarnation, dst, dst incarnation) whose connection timed out
+        self._broken: set[tuple[int, int, int, int]] = set()
         self.checker = Checker(self)
         self.traffic_on = True
         self.trace: list[str] = []
@@ -177,16 +184,50 @@ class Cluster:
         self._deliver(target, ev.PeerUnreachable(failed, "connection reset"))
 
     def partition(self, side: set[int]) -> None:
-        """Cut every link between ``side`` and the rest."""
+        """Cut every link between ``side`` and the rest.
+
+        Like TCP: member-to-member messages are held (retransmitted) while the
+        cut lasts and arrive in order after a heal; a cut longer than the
+        transport's timeout breaks the connection, and both ends' transports
+        report the peer unreachable. GMS-channel messages are simply lost.
+        """
         others = set(self.nodes) - side
         for a in side:
             for b in others:
-                self.cut.add(frozenset((a, b)))
+                pair = frozenset((a, b))
+                if pair not in self.cut:
+                    self.cut.add(pair)
+                    epoch = self._cut_epoch[pair] = self._cut_epoch.get(pair, 0) + 1
+                    self.at(self.now + self.params.link_timeout_ms,
+                            lambda pair=pair, epoch=epoch: self._break_link(pair, epoch))
         self.trace.append(f"{self.now:9.2f} partition {sorted(side)} | {sorted(others)}")
 
     def heal(self) -> None:
         self.cut.clear()
         self.trace.append(f"{self.now:9.2f} heal")
+        held, self._held = self._held, {}
+        for (src, dst), items in sorted(held.items()):
+            for _, arrive in sorted(items, key=lambda item: item[0]):
+                key = ("held", src, dst)
+                when = max(self.now + self.rng.uniform(self.params.min_delay_ms, self.params.max_delay_ms),
+                           self._link_clock.get(key, 0.0) + 1e-6)
+                self._link_clock[key] = when
+                self.at(when, arrive)
+
+    def _break_link(self, pair: frozenset[int], epoch: int) -> None:
+        if pair not in self.cut or self._cut_epoch.get(pair) != epoch:
+            return
+        a, b = sorted(pair)
+        for src, dst in ((a, b), (b, a)):
+            self._held.pop((src, dst), None)
+            s, d = self.nodes.get(src), self.nodes.get(dst)
+            if s is not None and d is not None:
+                self._broken.add((src, s.incarnation, dst, d.incarnation))
+        self.trace.append(f"{self.now:9.2f} connection {a}-{b} times out")
+        for me, other in ((a, b), (b, a)):
+            node = self.nodes.get(me)
+            if node is not None:
+                self._deliver(node, ev.PeerUnreachable(other, "connection timed out"))
 
     # ------------------------------------------------------------------ running protocol code
     def _deliver(self, node: SimNode, event: ev.Event) -> None:
@@ -238,23 +279,37 @@ class Cluster:
             self._deliver(node, ev.Tick())
 
     def _transmit(self, src: SimNode, channel: tuple[str, int], dst: int, data: bytes, member: bool) -> None:
-        if frozenset((src.node_id, dst)) in self.cut:
+        pair = frozenset((src.node_id, dst))
+        sender, inc = src.node_id, src.incarnation
+        target_node = self.nodes.get(dst)
+        if member and target_node is not None and (sender, inc, dst, target_node.incarnation) in self._broken:
+            return  # that connection timed out during a partition; it is gone
+        if not member and pair in self.cut:
+            return  # a short GMS exchange simply fails; joiners retry
+        seq = next(self._seq)
+
+        def arrive() -> None:
+            target = self.nodes.get(dst)
+            s = self.nodes.get(sender)
+            if target is None or s is None:
+                return
+            if member and s.incarnation != inc:
+                return  # the connection of a dead incarnation is gone
+            if member and (sender, inc, dst, target.incarnation) in self._broken:
+                return
+            if pair in self.cut or (member and self._held.get((sender, dst))):
+                if member:
+                    self._held.setdefault((sender, dst), []).append((seq, arrive))  # retransmitted after a heal
+                return
+            self._deliver(target, ev.Received(sender, data) if member else ev.ReceivedAtAddress(data))
+
+        if member and (pair in self.cut or self._held.get((sender, dst))):
+            self._held.setdefault((sender, dst), []).append((seq, arrive))
             return
         key = (src.node_id, src.incarnation, channel)
         delay = self.rng.uniform(self.params.min_delay_ms, self.params.max_delay_ms)
         when = max(self.now + delay, self._link_clock.get(key, 0.0) + 1e-6)  # FIFO per link
         self._link_clock[key] = when
-        sender, inc = src.node_id, src.incarnation
-
-        def arrive() -> None:
-            target = self.nodes.get(dst)
-            s = self.nodes.get(sender)
-            if target is None or s is None or frozenset((sender, dst)) in self.cut:
-                return
-            if s.incarnation != inc and member:
-                return  # the connection of a dead incarnation is gone
-            self._deliver(target, ev.Received(sender, data) if member else ev.ReceivedAtAddress(data))
-
         self.at(when, arrive)
 
     # ------------------------------------------------------------------ inspection
