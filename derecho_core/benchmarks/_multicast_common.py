@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="payload size (SUBGROUP/DEFAULT/max_payload_size; default 10240)")
     parser.add_argument("--window", type=int, default=None, help="SUBGROUP/DEFAULT/window_size")
     parser.add_argument("--provider", default="sockets", help="[RDMA] provider")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION/key=value",
+                        help="any other configuration key for every node, e.g. SUBGROUP/DEFAULT/block_size=262144")
     parser.add_argument("--runs", type=int, default=1, help="repeat and report the median")
     parser.add_argument("--sweep", help="comma list of payload sizes: run each, plot to a PNG")
     parser.add_argument("--json", dest="json_out", help="also write the JSON record to this file")
@@ -45,6 +47,7 @@ def run_group(args: argparse.Namespace, size: int) -> list[dict[str, Any]]:
         conf.append(f"--SUBGROUP/DEFAULT/window_size={args.window}")
     if args.provider != "sockets":
         conf.append("--RDMA/domain=lo")
+    conf += [f"--{item}" for item in getattr(args, "set", [])]
     procs = []
     for node in range(n):
         p = ports[node]
