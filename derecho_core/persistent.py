@@ -39,7 +39,7 @@ import copy
 import enum
 import importlib
 import pickle
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, NamedTuple, TypeVar
 
 import msgpack
 
@@ -265,6 +265,102 @@ class PersistentRegistry:
         for field in self.fields.values():
             field.truncate(version)
         self._current_version = min(self._current_version, version)
+
+    def export_log_tail(self, after_version: int | Mapping[str, int],
+                         upto_version: int | None = None) -> LogTail:
+        """The entries of every field with ``after_version < version <= upto_version`` (state transfer, sender side).
+
+        ``after_version`` is one version for every field (Derecho ships the tail
+        after the joiner's ``get_minimum_latest_persisted_version()``) or a
+        ``{field name: version}`` map (a field missing from it is shipped whole);
+        it is capped at ``upto_version`` (or at the field's current version when
+        ``upto_version`` is None), so a receiver holding more than this node drops
+        the excess. Counting the bytes reads every shipped entry once; the entries
+        themselves are read again, one at a time, when the tail is iterated.
+        """
+        tails = []
+        for name, field in self.fields.items():
+            after = after_version.get(name, INVALID_VERSION) if isinstance(after_version, Mapping) else after_version
+            current = field.get_current_version()
+            cap = current if upto_version is None else min(upto_version, current)
+            after = min(after, cap)
+            start, end = _tail_range(field, after, upto_version)
+            log = field.log
+            nbytes = sum(len(log.get_by_index(i).data) for i in range(start, end))
+            tails.append(FieldTail(name, after, cap, start, end, nbytes))
+        return LogTail(self, tails, upto_version)
+
+    def import_log_tail(self, after_version: int | Mapping[str, int],
+                         entries: Iterable[TailEntry | tuple[str, int, HLC | int, bytes | bytearray | memoryview]], *,
+                         fields: Iterable[str] | None = None, current_versions: Mapping[str, int] | None = None) -> int:
+        """Merge a log tail made by :meth:`export_log_tail` into this registry's logs (state transfer, joiner side).
+
+        ``fields`` names the fields the sender shipped (default: the keys of an
+        ``after_version`` map, else every field here); each must exist here, or
+        :class:`LogTailError` names the one missing, before any log is touched.
+        Each of them is first truncated to its ``after_version`` (what this node
+        holds beyond it is dropped), then every entry is appended with its
+        original version and timestamp (persisting every 32 MiB), the logs are persisted, and each field's
+        ``.value`` is rebuilt from its latest entry. ``entries`` may be a generator
+        that reads from a socket: it is consumed once, in order. If it raises, the
+        entries appended so far stay (they are a prefix of the sender's tail),
+        each field's ``.value`` is rebuilt from its log, and the error propagates.
+        ``current_versions`` (the sender's :attr:`FieldTail.current_version`)
+        restores the current version of delta fields whose last versions logged
+        nothing. Returns the number of entries appended.
+        """
+        if fields is not None:
+            names = list(fields)
+        elif isinstance(after_version, Mapping):
+            names = list(after_version)
+        else:
+            names = list(self.fields)
+        missing = [n for n in names if n not in self.fields]
+        if missing:
+            raise LogTailError(f"registry {self.prefix!r} has no Persistent field named {missing[0]!r} (it has "
+                               f"{sorted(self.fields)}); the sender's replicated type declares fields this node's "
+                               "factory did not create")
+        afters = {n: (after_version.get(n, INVALID_VERSION) if isinstance(after_version, Mapping) else after_version)
+                  for n in names}
+        targets = {n: self.fields[n] for n in names}
+        for name, field in targets.items():
+            field.truncate(afters[name])
+        self._current_version = min(self._current_version, max(afters.values(), default=self._current_version))
+        count = unpersisted = 0
+        try:
+            for item in entries:
+                name, version, timestamp, data = item
+                target = targets.get(name)
+                if target is None:
+                    raise LogTailError(f"registry {self.prefix!r}: the log tail holds an entry of field {name!r}, "
+                                       f"which is not among the fields it announced ({sorted(targets)})")
+                if version <= afters[name]:
+                    raise LogTailError(f"{target.log_name}: the log tail holds version {version}, not after "
+                                       f"{afters[name]}")
+                target.log.append(version, HLC.coerce(timestamp), data)
+                count += 1
+                unpersisted += len(data)
+                if unpersisted >= _IMPORT_PERSIST_BYTES:  # a transfer cut short resumes from here next time
+                    for f in targets.values():
+                        f.persist()
+                    unpersisted = 0
+            for field in targets.values():
+                field.persist()
+        except BaseException:
+            for field in targets.values():  # keep each .value in step with what its log now holds
+                try:
+                    field._value = field._rebuild_latest()
+                    field._current_version = max(field._current_version, field.log.latest_version)
+                except Exception:  # the original error matters more than this one
+                    pass
+            raise
+        for name, field in targets.items():
+            field._value = field._rebuild_latest()
+            field._current_version = max(field._current_version, field.log.latest_version)
+            if current_versions is not None and name in current_versions:
+                field._current_version = max(field._current_version, current_versions[name])
+            self._current_version = max(self._current_version, field.get_current_version())
+        return count
 
     def get_frontier(self) -> HLC:
         """The global stability frontier, or the wall clock when there is no provider."""
@@ -515,3 +611,96 @@ class Volatile(Persistent[T]):
     def __init__(self, factory: Callable[[], T], registry: PersistentRegistry | None = None,
                  name: str | None = None, storage: str | None = None):
         super().__init__(factory, registry, name, storage or "mem")
+
+
+# ----------------------------------------------------------------------------- log tails (state transfer)
+#
+# A joiner that already holds a prefix of a shard's logs only needs what comes after it. The old shard leader
+# exports, per field, the entries with ``after < version <= upto`` (``PersistentRegistry.export_log_tail``); the
+# joiner drops whatever it holds beyond ``after`` and appends those entries with their original versions and
+# timestamps (``PersistentRegistry.import_log_tail``). derecho_core.state_transfer carries them over TCP.
+
+
+#: import_log_tail persists after this many bytes, so a long transfer cut short keeps a durable prefix
+_IMPORT_PERSIST_BYTES = 32 << 20
+
+
+class LogTailError(StorageError):
+    """A log tail that does not fit this registry: an unknown field, or versions out of order."""
+
+
+class TailEntry(NamedTuple):
+    """One entry of a log tail: the field's name and the entry as the leader's log holds it."""
+
+    field: str
+    version: int
+    timestamp: HLC
+    data: bytes
+
+
+class FieldTail(NamedTuple):
+    """The part of one field's log that a :class:`LogTail` ships."""
+
+    name: str
+    after_version: int  # the receiver truncates its log to this version first
+    current_version: int  # the sender's current version of the field (delta versions without entries count)
+    start_index: int  # first log index shipped
+    end_index: int  # one past the last log index shipped
+    num_bytes: int  # total length of the entries' data
+
+    @property
+    def num_entries(self) -> int:
+        return self.end_index - self.start_index
+
+
+def _tail_range(field: Persistent[Any], after_version: int, upto_version: int | None) -> tuple[int, int]:
+    """Log indexes ``[start, end)`` of the entries with ``after_version < version <= upto_version``."""
+    log = field.log
+    if not len(log):
+        return log.next_index, log.next_index
+    try:
+        start = log.get_by_version(after_version).index + 1
+    except InvalidVersionError:  # every retained entry is after it
+        start = log.earliest_index
+    end = log.next_index
+    if upto_version is not None:
+        try:
+            end = log.get_by_version(upto_version).index + 1
+        except InvalidVersionError:
+            end = log.earliest_index
+    return start, max(start, end)
+
+
+class LogTail:
+    """The log tails of a registry's fields, read lazily: iterate for the :class:`TailEntry` items.
+
+    Made by :meth:`PersistentRegistry.export_log_tail`. The index range of each
+    field is fixed when the tail is made, so entries appended afterwards are not
+    shipped; trimming a field while the tail is read raises the log's
+    :class:`InvalidIndexError`. Iteration reads one entry at a time from the log
+    (under the log's lock), so a tail of any size streams in constant memory.
+    """
+
+    def __init__(self, registry: PersistentRegistry, fields: list[FieldTail], upto_version: int | None):
+        self.registry = registry
+        self.fields = fields
+        self.upto_version = upto_version
+
+    @property
+    def total_bytes(self) -> int:
+        """Total length of the entries' data (for progress reports)."""
+        return sum(f.num_bytes for f in self.fields)
+
+    @property
+    def num_entries(self) -> int:
+        return sum(f.num_entries for f in self.fields)
+
+    def __iter__(self) -> Iterator[TailEntry]:
+        for ft in self.fields:
+            log = self.registry.fields[ft.name].log
+            for index in range(ft.start_index, ft.end_index):
+                e = log.get_by_index(index)
+                yield TailEntry(ft.name, e.version, e.timestamp, e.data)
+
+    def __repr__(self) -> str:
+        return f"<LogTail {self.registry.prefix!r} {self.num_entries} entries, {self.total_bytes} bytes>"
