@@ -30,12 +30,15 @@ from .protocol import events as ev
 from .protocol.membership import Membership
 from .protocol.multicast import Delivery, ShardParams
 from .protocol.node import Deliver, NodeProtocol, SendRejected, SendRequest
+from .protocol.progress import LocalProgress, ShardProgress
 from .transport import MessageReceived, NotConnectedError, PeerConnected, PeerFailed, Transport
 from .view import IpAndPorts, View
 
 log = logging.getLogger("derecho.viewmanager")
 
 CH_BARRIER = b"B"
+CH_RPC_REQUEST = b"Q"  # point-to-point RPC traffic goes to the listener, not the protocol
+CH_RPC_REPLY = b"R"
 #: how many messages a sender may queue in a shard before ``send`` waits (beyond the window)
 MAX_QUEUED_SENDS = 1024
 #: messages waiting for a peer's connection (or room in its send queue); past this the peer is failed
@@ -47,6 +50,9 @@ class EngineListener(Protocol):
     def stopped(self, stop: ev.Stop) -> None: ...
     def deliver(self, deliveries: list[Delivery]) -> None: ...
     def send_rejected(self, tag: Any, error: Exception) -> None: ...
+    def rpc_request(self, node_id: int, data: memoryview) -> None: ...
+    def rpc_replies(self, node_id: int, data: memoryview) -> None: ...
+    def shard_progress(self, progress: ShardProgress) -> None: ...
 
 
 class GroupStoppedError(DerechoError):
@@ -153,7 +159,7 @@ class Engine:
                            rdmc_send_algorithm=p["rdmc_send_algorithm"])
 
     def send(self, subgroup_id: int, payload: bytes, *, cooked: bool = False, tag: Any = None,
-             timeout: float | None = None) -> None:
+             timeout: float | None = None, timestamp_ns: int | None = None) -> None:
         """Multicast ``payload`` in a subgroup; waits while this node's queue for it is long."""
         deadline = None
         while self._queued(subgroup_id) >= MAX_QUEUED_SENDS:
@@ -166,7 +172,16 @@ class Engine:
             time.sleep(0.0005)
         if self._stop is not None:
             raise GroupStoppedError(self._stop.kind, self._stop.reason)
-        self.submit("send", SendRequest(subgroup_id, bytes(payload), cooked, time.time_ns(), tag))
+        ts = time.time_ns() if timestamp_ns is None else timestamp_ns
+        self.submit("send", SendRequest(subgroup_id, bytes(payload), cooked, ts, tag))
+
+    def send_p2p(self, node_id: int, data: bytes) -> None:
+        """Send one point-to-point message (an RPC request or a reply batch) to a member."""
+        self.submit("p2p", (node_id, data))
+
+    def report_progress(self, subgroup_id: int, persisted: int, frontier_us: int) -> None:
+        """Publish this node's persisted version and stability frontier of a subgroup to its shard."""
+        self.submit("send", LocalProgress(subgroup_id, persisted, frontier_us))
 
     def _queued(self, subgroup_id: int) -> int:
         # read from the user's thread without a lock: a length of a deque is atomic in CPython, and an
@@ -174,6 +189,10 @@ class Engine:
         mc = self.node.multicast
         shard = mc.shards.get(subgroup_id) if mc is not None else None
         return len(self._inbox) + (len(shard.queue) if shard is not None else 0)
+
+    def fail(self, reason: str) -> None:
+        """Stop this node because of a local fault (for instance a log that cannot be written)."""
+        self.submit("fail", reason)
 
     def report_failure(self, node_id: int) -> None:
         self.submit("event", ev.ReportFailure(node_id))
@@ -259,7 +278,15 @@ class Engine:
     def _on_transport_event(self, event: Any, batch: list[Any]) -> None:
         if isinstance(event, MessageReceived):
             data = event.data
-            if bytes(data[:1]) == CH_BARRIER:
+            channel = bytes(data[:1])
+            if channel == CH_RPC_REPLY or channel == CH_RPC_REQUEST:
+                if self.listener is not None:
+                    view = memoryview(data)[1:]
+                    if channel == CH_RPC_REPLY:
+                        self.listener.rpc_replies(event.node_id, view)
+                    else:
+                        self.listener.rpc_request(event.node_id, view)
+            elif channel == CH_BARRIER:
                 self._on_barrier(event.node_id, data[1:])
             else:
                 batch.append(ev.Received(event.node_id, data))
@@ -276,6 +303,10 @@ class Engine:
             self._handle(payload)
         elif kind == "gms":
             self._handle(ev.ReceivedAtAddress(payload))
+        elif kind == "p2p":
+            self._send(*payload)
+        elif kind == "fail":
+            self._set_stop(ev.Stop("error", payload))
         elif kind == "barrier":
             n, done = payload
             view = self._view
@@ -324,6 +355,9 @@ class Engine:
                 self._send(action.node_id, action.data)
             elif isinstance(action, Deliver):
                 deliveries.append(action.delivery)
+            elif isinstance(action, ShardProgress):
+                if self.listener is not None:
+                    self.listener.shard_progress(action)
             elif isinstance(action, SendRejected):
                 if self.listener is not None:
                     self.listener.send_rejected(action.tag, action.error)

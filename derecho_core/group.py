@@ -1,7 +1,7 @@
-"""``Group``: start or join a group, and ask it about its membership.
+"""``Group``: start or join a group, hold this node's replicated objects, and ask about membership.
 
-Replicated objects and RPC (``get_subgroup``, ``ordered_send``...) build on
-this class; this module holds the membership part of DESIGN §6.
+The RPC layer (:mod:`derecho_core.rpc.manager`) does the object work; this
+class wires it to the engine and runs the delivery thread (DESIGN §4).
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from .log import configure_logging
 from .callbacks import UserMessageCallbacks
 from .protocol.events import Stop
 from .protocol.multicast import Delivery
-from .replicated import Replicated
+from .protocol.progress import ShardProgress
+from .replicated import PeerCaller, Replicated
+from .rpc.manager import RpcManager
+from .rpc.query_results import PendingResults
 from .view import View
 
 log = logging.getLogger("derecho.viewmanager")
@@ -56,51 +59,119 @@ class Group:
         self._view_upcalls = list(view_upcalls)
         self._deliveries: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._delivery = threading.Thread(target=self._delivery_loop, name="derecho-delivery", daemon=True)
-        self._delivery.start()
         self._left = False
+        self._ready = threading.Event()       # the first view's objects are built and their state received
+        self._ready_error: BaseException | None = None
         self._max_payload_cache: dict[int, tuple[View, int]] = {}
+        self._external: Any = None
+        self._state_server: Any = None
+        self.rpc = RpcManager(self)
         self._engine = Engine(self.conf, subgroup_info=subgroup_info, types=self.types, listener=self)
+        self._delivery.start()
         try:
             self._engine.start()
             self._engine.wait_for_first_view(join_timeout)
+            self._wait_ready(join_timeout)
         except BaseException:
             self._engine.close()
             self._deliveries.put(None)
+            self.rpc.close()
             raise
 
     # ------------------------------------------------------------------ engine callbacks (engine thread)
     def view_installed(self, view: View) -> None:
+        self._deliveries.put(lambda: self._on_view(view))
+
+    def _on_view(self, view: View) -> None:
+        """Delivery thread: objects first (state transfer included), then the application's upcalls."""
+        try:
+            self.rpc.on_view(view)
+        except BaseException as exc:
+            if not self._ready.is_set():
+                self._ready_error = exc
+                self._ready.set()
+                return
+            log.exception("node %d could not set up its objects for view %d; it stops", self.get_my_id(), view.vid)
+            self._fatal(f"setting up the objects of view {view.vid} failed: {exc!r}")
+            return
+        for holder in list(self.rpc.objects.values()):
+            upcall = getattr(holder.obj, "new_view_callback", None)
+            if callable(upcall):
+                self._guarded(upcall, view, what="new_view_callback")
         for upcall in self._view_upcalls:
-            self._deliveries.put(lambda upcall=upcall: upcall(view))
+            self._guarded(upcall, view, what="a view upcall")
+        if view.is_adequately_provisioned or not self.types:
+            self._ready.set()
+
+    def _wait_ready(self, timeout: float | None) -> None:
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"node {self.get_my_id()} joined, but its objects were not set up within {timeout} s "
+                               "(waiting for an adequately provisioned view or for state transfer)")
+        if self._ready_error is not None:
+            raise self._ready_error
 
     def stopped(self, stop: Stop) -> None:
-        pass
+        self.rpc.stop(stop.reason)
 
     def deliver(self, deliveries: list[Delivery]) -> None:
         """Engine thread: hand a batch of delivered messages to the delivery thread, in order."""
-        cb = self.callbacks.global_stability_callback if self.callbacks is not None else None
-        if cb is None:
-            return
-
-        def run() -> None:
-            for d in deliveries:
-                if not d.cooked:
-                    cb(d.subgroup_id, d.sender_id, d.index, memoryview(d.payload), d.version)
-
-        self._deliveries.put(run)
+        self._deliveries.put(lambda: self.rpc.on_deliveries(deliveries))
 
     def send_rejected(self, tag: object, error: Exception) -> None:
-        log.warning("a multicast was not sent: %s", error)
+        if isinstance(tag, PendingResults):
+            self.rpc.send_rejected(tag, error)
+        else:
+            log.warning("a multicast was not sent: %s", error)
+
+    def rpc_request(self, node_id: int, data: memoryview) -> None:
+        payload = bytes(data)
+        self._deliveries.put(lambda: self.rpc.on_request(node_id, memoryview(payload)))
+
+    def rpc_replies(self, node_id: int, data: memoryview) -> None:
+        self.rpc.on_replies(node_id, data)
+
+    def shard_progress(self, progress: ShardProgress) -> None:
+        self.rpc.on_shard_progress(progress)
+
+    # ------------------------------------------------------------------ for the RPC layer
+    def _post(self, job: Callable[[], None]) -> None:
+        self._deliveries.put(job)
+
+    def _user_callback(self, name: str) -> Callable[..., Any] | None:
+        return getattr(self.callbacks, name, None) if self.callbacks is not None else None
+
+    def _external_reply_sink(self, node_id: int) -> Callable[[Any], None] | None:
+        ext = self._external
+        return ext.reply_sink(node_id) if ext is not None else None
+
+    def _fatal(self, reason: str) -> None:
+        self._engine.fail(reason)
+
+    @staticmethod
+    def _guarded(fn: Callable[..., Any], *args: Any, what: str) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("%s raised; the group carries on", what)
 
     def _delivery_loop(self) -> None:
+        tick = max(0.01, self.conf.get("DERECHO/heartbeat_ms") / 1000.0)
         while True:
-            job = self._deliveries.get()
-            if job is None:
-                return
             try:
-                job()
+                job = self._deliveries.get(timeout=tick)
+            except queue.Empty:
+                job = None
+                if self._left:
+                    return
+            else:
+                if job is None:
+                    return
+            try:
+                if job is not None:
+                    job()
+                self.rpc.tick()
             except Exception:
-                log.exception("a view upcall raised; the group carries on")
+                log.exception("the delivery thread caught an error; the group carries on")
 
     # ------------------------------------------------------------------ membership queries
     def _current(self) -> View:
@@ -162,6 +233,24 @@ class Group:
                                "use get_nonmember_subgroup for a non-member handle")
         return Replicated(self, subgroup_type, index, sg)
 
+    def get_nonmember_subgroup(self, subgroup_type: Hashable, index: int = 0) -> PeerCaller[Any]:
+        """A handle for p2p_send to the members of a subgroup this node does not belong to."""
+        view = self._current()
+        if not view.is_adequately_provisioned:
+            raise SubgroupProvisioningError(f"view {view.vid} is not adequately provisioned")
+        sg = view.subgroup_id(subgroup_type, index)
+        if sg in view.my_subgroups:
+            raise DerechoError(f"node {self.get_my_id()} is a member of subgroup {index} of "
+                               f"{getattr(subgroup_type, '__name__', subgroup_type)}; use get_subgroup")
+        return PeerCaller(self, subgroup_type, index, sg)
+
+    def get_rpc_caller_id(self) -> int | None:
+        """Inside an RPC handler: the node whose call is being executed."""
+        return self.rpc.caller_id
+
+    def get_subgroup_max_payload_size(self, subgroup_type: Hashable, index: int = 0) -> int:
+        return self._max_payload(self._current().subgroup_id(subgroup_type, index))
+
     def _max_payload(self, subgroup_id: int) -> int:
         view = self._engine.view  # the hot path of every send: cached per view
         cached = self._max_payload_cache.get(subgroup_id)
@@ -189,7 +278,12 @@ class Group:
         self._left = True
         self._engine.leave()
         self._deliveries.put(None)
-        self._delivery.join(timeout=5)
+        if threading.current_thread() is not self._delivery:
+            self._delivery.join(timeout=5)
+        if self._external is not None:
+            self._external.close()
+        self.rpc.stop("the node left the group")
+        self.rpc.close()
 
     def __enter__(self) -> Group:
         return self

@@ -121,10 +121,10 @@ class SubgroupInfo:
                         # A hand-built SubView(members): give it the members' addresses.
                         sv.member_ips_and_ports = [curr_view.member_ips_and_ports[curr_view.rank_of(m)]
                                                    for m in sv.members]
-                    if prev_view is not None:
-                        # A subgroup or shard the previous view lacked (a cross product grew):
-                        # everyone joined. Derecho would index past the end here.
-                        sv.init_joined_departed(prev_shards[shard_num] if shard_num < len(prev_shards) else None)
+                    # A subgroup or shard the previous view lacked (the first view, or a cross product
+                    # grew): everyone joined. Derecho would index past the end here, and leaves the first
+                    # view's lists empty; state transfer tells "was here before" from ``joined``.
+                    sv.init_joined_departed(prev_shards[shard_num] if shard_num < len(prev_shards) else None)
                 shard_views.append(shards)
             ids_by_type.append(ids)
         curr_view.subgroup_type_order = types

@@ -173,6 +173,7 @@ class Membership:
         self.nonce = nonce
         self.join_retry_ms = join_retry_ms if join_retry_ms is not None else max(4 * suspicion_timeout_ms, 1000)
         self.type_order = list(subgroup_type_order)
+        self._inadequate_logged: tuple[int, tuple[int, ...]] | None = None
         #: multicast's ragged-trim hook: may the view that follows ``vid`` be installed yet?
         self.ready_to_install = ready_to_install or (lambda vid: True)
 
@@ -678,7 +679,9 @@ class Membership:
         new[-1] = Change(new[-1].leader, new[-1].node, True, new[-1].address, new[-1].nonce)
         next_view = self._next_view(new)
         if not self._adequate(self.view, next_view):
-            if joins or len(new) != len(pending):
+            key = (next_view.vid, tuple(next_view.members))
+            if (joins or len(new) != len(pending)) and key != self._inadequate_logged:
+                self._inadequate_logged = key  # said once per candidate view, not at every poke
                 self._log(logging.INFO, "view %d would be inadequately provisioned; staying wedged and waiting "
                           "for more joins", next_view.vid)
             if joins:

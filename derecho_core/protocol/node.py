@@ -27,10 +27,12 @@ from .events import (
 )
 from .membership import Membership
 from .multicast import Delivery, PayloadTooLarge, ShardParams, ViewMulticast, decode_block
+from .progress import LocalProgress, ProgressTracker, ShardProgress
 
 CH_MEMBERSHIP = b"M"
 CH_MULTICAST = b"C"
 CH_BLOCK = b"K"
+CH_PROGRESS = b"G"
 MAX_EARLY = 100_000  # multicast messages held for a view not installed yet
 
 
@@ -67,6 +69,7 @@ class NodeProtocol:
         self.multicast: ViewMulticast | None = None
         self._early: list[tuple[int, int, Any]] = []  # (vid, sender, (is_block, data))
         self._out: list[Action] = []
+        self.progress = ProgressTracker(membership.id)
         membership.ready_to_install = self._ready_to_install
 
     @property
@@ -84,9 +87,9 @@ class NodeProtocol:
         return self.membership.next_deadline()
 
     def handle(self, event: Event | SendRequest, now: float) -> list[Action]:
-        if isinstance(event, SendRequest):
-            self._submit(event)
-            return self._after([], now)
+        if isinstance(event, (SendRequest, LocalProgress)) or (
+                isinstance(event, Received) and bytes(event.data[:1]) == CH_PROGRESS):
+            return self.handle_many([event], now)
         if isinstance(event, Received):
             data = event.data
             channel = bytes(data[:1])
@@ -114,6 +117,16 @@ class NodeProtocol:
         for event in events:
             if isinstance(event, SendRequest):
                 self._submit(event)
+            elif isinstance(event, LocalProgress):
+                sends, changed = self.progress.local(event)
+                self._out.extend(Send(node, CH_PROGRESS + data) for node, data in sends)
+                self._out.extend(changed)
+            elif isinstance(event, Received) and bytes(event.data[:1]) == CH_PROGRESS:
+                try:
+                    self._out.extend(self.progress.on_message(event.node_id, event.data[1:]))
+                except wire.WireError as exc:
+                    self._out.append(Log(logging.WARNING, "dropped a bad progress report from node %d: %s",
+                                         (event.node_id, exc)))
             elif isinstance(event, Received) and bytes(event.data[:1]) in (CH_MULTICAST, CH_BLOCK):
                 self._on_multicast(event.node_id, event.data[1:], bytes(event.data[:1]) == CH_BLOCK)
                 poke = True
@@ -192,8 +205,11 @@ class NodeProtocol:
                 self._install(action.view)
             else:
                 out.append(action)
+        failed = self.membership.failed_nodes()
+        if failed:
+            out.extend(self.progress.set_failed(failed))
         if self.multicast is not None:
-            self.multicast.set_failed(self.membership.failed_nodes())
+            self.multicast.set_failed(failed)
             self.multicast.step()
             out.extend(self._drain_multicast())
         out.extend(self._out)
@@ -218,6 +234,7 @@ class NodeProtocol:
         if old is not None:
             for sg, shard in old.shards.items():
                 resend[sg] = shard.undelivered_own()
+        self.progress.install(view)
         self.multicast = ViewMulticast(view, self.membership.id, self.params_for) \
             if view.subgroup_shard_views else None
         mc = self.multicast

@@ -110,7 +110,7 @@ def test_allocate_ids_my_subgroups_joined_departed():
     assert v0.my_subgroups == {0: 0, 2: 0}
     assert v0.subgroup_shard_views[1][1].member_ips_and_ports == [IpAndPorts("h3")]  # filled in from the view
     assert v0.subgroup_shard_views[0][0].my_rank == 0 and v0.subgroup_shard_views[1][0].my_rank == -1
-    assert v0.subgroup_shard_views[0][0].joined == []  # first view: no previous shard
+    assert v0.subgroup_shard_views[0][0].joined == [0, 1]  # first view: every member joined (C++ leaves it empty)
     v1 = make_next_view(v0, [1], [7])
     info.allocate(["A", "B"], v0, v1)
     a = v1.subgroup_shard_views[0][0]
