@@ -69,13 +69,21 @@ class Group:
         self._engine = Engine(self.conf, subgroup_info=subgroup_info, types=self.types, listener=self)
         self._delivery.start()
         try:
+            from .state_transfer import StateTransferServer
+
+            if self.types:
+                self._state_server = StateTransferServer.from_conf(self.conf)
             self._engine.start()
             self._engine.wait_for_first_view(join_timeout)
             self._wait_ready(join_timeout)
+            if self.types:
+                self._start_external_server()
         except BaseException:
             self._engine.close()
             self._deliveries.put(None)
             self.rpc.close()
+            if self._state_server is not None:
+                self._state_server.close()
             raise
 
     # ------------------------------------------------------------------ engine callbacks (engine thread)
@@ -244,6 +252,19 @@ class Group:
                                f"{getattr(subgroup_type, '__name__', subgroup_type)}; use get_subgroup")
         return PeerCaller(self, subgroup_type, index, sg)
 
+    def _start_external_server(self) -> None:
+        try:
+            from .external_server import ExternalServer
+        except ImportError:  # TEMPORARY while external_server.py is being written
+            return
+        self._external = ExternalServer.for_group(self)
+
+    def get_client_callback(self, subgroup_type: Hashable, index: int = 0) -> Any:
+        """A handle for notifying external clients of this subgroup (see :class:`ExternalGroupClient`)."""
+        if self._external is None:
+            raise DerechoError("this group serves no external clients (it has no replicated types)")
+        return self._external.client_callback(subgroup_type, index)
+
     def get_rpc_caller_id(self) -> int | None:
         """Inside an RPC handler: the node whose call is being executed."""
         return self.rpc.caller_id
@@ -282,6 +303,8 @@ class Group:
             self._delivery.join(timeout=5)
         if self._external is not None:
             self._external.close()
+        if self._state_server is not None:
+            self._state_server.close()
         self.rpc.stop("the node left the group")
         self.rpc.close()
 

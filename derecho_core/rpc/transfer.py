@@ -48,8 +48,8 @@ class Outgoing:
         def run() -> None:
             try:
                 sent = state_transfer.send_state(
-                    address, view.vid, holder.subgroup_id, manager.my_id, holder.obj, holder.registry, upto,
-                    manager.group._engine.key, TRANSFER_TIMEOUT_S, upto_known=True)
+                    address, view.vid, holder.subgroup_id, manager.my_id, holder.obj, _registry(holder), upto,
+                    manager.group._engine.key, TRANSFER_TIMEOUT_S, serializer=manager.serializer.kind)
                 log.info("sent the state of subgroup %d (up to version %d, %d bytes) to node %d",
                          holder.subgroup_id, upto, sent, joiner)
             except Exception as exc:
@@ -71,10 +71,16 @@ def receive(manager: RpcManager, view: View, holder: SubgroupObject, leader: int
     server = manager.group._state_server
     if server is None:
         raise DerechoError("state transfer needs the state-transfer listener, which is not running")
-    version: int = server.expect(view.vid, holder.subgroup_id, holder.obj, holder.registry, TRANSFER_TIMEOUT_S,
-                                 leader=leader)
+    log.info("node %d receives the state of subgroup %d from node %d", manager.my_id, holder.subgroup_id, leader)
+    registry = _registry(holder)
+    server.expect(view.vid, holder.subgroup_id, holder.obj, registry, TRANSFER_TIMEOUT_S)
+    # every version of earlier views is now reflected here: versions are (vid << 32) | seq
+    version = (view.vid << 32) - 1
+    if registry is not None:
+        version = max(registry.get_current_version(), -1)
     return version
 
 
-def expected_version(holder: Any) -> int:
-    return int(holder.latest_version)
+def _registry(holder: SubgroupObject) -> Any:
+    """The registry to ship, or None for an object without Persistent fields (its state is the snapshot)."""
+    return holder.registry if holder.registry is not None and holder.registry.fields else None
