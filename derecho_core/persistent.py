@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import types
 import importlib
 import pickle
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, NamedTuple, TypeVar
@@ -64,7 +65,11 @@ TAG_MSGPACK = b"M"
 TAG_PICKLE = b"P"
 TAG_DELTA = b"D"
 
-_EXT_OBJECT, _EXT_TUPLE, _EXT_SET, _EXT_FROZENSET, _EXT_ENUM = 1, 2, 3, 4, 5
+_EXT_OBJECT, _EXT_TUPLE, _EXT_SET, _EXT_FROZENSET, _EXT_ENUM, _EXT_BIGINT = 1, 2, 3, 4, 5, 6
+
+# things with no state worth sending: encoding them would only fail later, on the receiver
+_STATELESS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, type,
+              types.GeneratorType, types.CoroutineType)
 
 
 # ----------------------------------------------------------------------------- value codec
@@ -101,12 +106,20 @@ def _pack_default(obj: Any) -> msgpack.ExtType:
         return msgpack.ExtType(_EXT_FROZENSET, _packb(list(obj)))
     if isinstance(obj, enum.Enum):
         return msgpack.ExtType(_EXT_ENUM, _packb([type_name(type(obj)), obj.value]))
+    if type(obj) is int:  # beyond msgpack's 64 bits
+        return msgpack.ExtType(_EXT_BIGINT, str(obj).encode())
+    if isinstance(obj, _STATELESS):
+        raise TypeError(f"cannot store a {type(obj).__name__} ({obj!r:.60}): only data can be sent or stored")
     if "<locals>" in type(obj).__qualname__:
         raise TypeError(f"cannot store a {type(obj).__qualname__}: a class defined inside a function "
                         "cannot be imported again to decode it; define it at module level")
     getstate = getattr(obj, "__getstate__", None)
-    if getstate is None:
-        raise TypeError(f"cannot store a {type(obj).__name__}: give it __getstate__/__setstate__")
+    own_state = type(obj).__getstate__ is not object.__getstate__ if getstate is not None else False
+    if getstate is None or (not own_state and not hasattr(obj, "__dict__") and not hasattr(obj, "__slots__")):
+        # every object has object.__getstate__ since Python 3.11; one without a __dict__ or __slots__
+        # (a lock, a socket, a C type) would arrive as an empty shell
+        raise TypeError(f"cannot store a {type(obj).__name__}: it has no state Python can read; "
+                        "give it __getstate__/__setstate__")
     return msgpack.ExtType(_EXT_OBJECT, _packb([type_name(type(obj)), getstate()]))
 
 
@@ -116,6 +129,8 @@ def _packb(value: Any) -> bytes:
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_BIGINT:
+        return int(bytes(data).decode("ascii"))
     inner = _unpackb(data)
     if code == _EXT_TUPLE:
         return tuple(inner)

@@ -97,6 +97,8 @@ class RpcManager:
         self._last_tick = 0.0
         self._tick_s = max(0.01, group.conf.get("DERECHO/heartbeat_ms") / 1000.0)
         self.caller_id: int | None = None
+        #: state transfers of this node, for tests and ``derecho status``: {"to"|"from", "subgroup", "vid", ...}
+        self.transfers: list[dict[str, Any]] = []
         self._max_p2p_request: int = group.conf.get("DERECHO/max_p2p_request_payload_size")
         self._max_p2p_reply: int = group.conf.get("DERECHO/max_p2p_reply_payload_size")
 

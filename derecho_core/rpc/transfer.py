@@ -52,6 +52,8 @@ class Outgoing:
                     manager.group._engine.key, TRANSFER_TIMEOUT_S, serializer=manager.serializer.kind)
                 log.info("sent the state of subgroup %d (up to version %d, %d bytes) to node %d",
                          holder.subgroup_id, upto, sent, joiner)
+                manager.transfers.append({"to": joiner, "subgroup": holder.subgroup_id, "vid": view.vid,
+                                          "bytes": sent, "upto": upto})
             except Exception as exc:
                 # the joiner failing is the membership layer's business; the group carries on without it
                 self.errors.append(f"node {joiner}: {exc}")
@@ -74,6 +76,7 @@ def receive(manager: RpcManager, view: View, holder: SubgroupObject, leader: int
     log.info("node %d receives the state of subgroup %d from node %d", manager.my_id, holder.subgroup_id, leader)
     registry = _registry(holder)
     server.expect(view.vid, holder.subgroup_id, holder.obj, registry, TRANSFER_TIMEOUT_S)
+    manager.transfers.append({"from": leader, "subgroup": holder.subgroup_id, "vid": view.vid})
     # every version of earlier views is now reflected here: versions are (vid << 32) | seq
     version = (view.vid << 32) - 1
     if registry is not None:

@@ -38,10 +38,12 @@ class Member:
     """One ``derecho member`` process."""
 
     def __init__(self, node_id: int, ports: dict[str, int], conf_file: Path, extra: list[str] | None = None,
-                 host: str = "127.0.0.1", env: dict[str, str] | None = None, netns: str | None = None) -> None:
+                 host: str = "127.0.0.1", env: dict[str, str] | None = None, netns: str | None = None,
+                 program: list[str] | None = None) -> None:
         self.node_id = node_id
         self.ports = ports
-        args = [sys.executable, "-m", "derecho_core", "member", "--json", "--file", str(conf_file),
+        # ``program``: the module run instead of ``derecho member`` (it takes the same arguments)
+        args = [sys.executable, *(program or ["-m", "derecho_core", "member", "--json"]), "--file", str(conf_file),
                 f"--DERECHO/local_id={node_id}", f"--DERECHO/local_ip={host}"]
         args += [f"--DERECHO/{k}={v}" for k, v in ports.items()]
         args += extra or []
@@ -50,7 +52,8 @@ class Member:
         self.events: list[dict[str, Any]] = []
         self.stderr: list[str] = []
         self._cond = threading.Condition()
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
         self._threads = [threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True),
                          threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True)]
@@ -68,6 +71,16 @@ class Member:
                 else:
                     self.stderr.append(line)
                 self._cond.notify_all()
+
+    def command(self, line: str) -> None:
+        """Write one command line to the member's stdin (for programs that read commands)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def event(self, name: str, timeout: float = 30, after: int = 0) -> dict[str, Any]:
+        """The first event called ``name`` at position ``after`` or later in the event list."""
+        return self.wait_for(lambda evs: next((e for e in evs[after:] if e.get("event") == name), None), timeout)
 
     def views(self) -> list[dict[str, Any]]:
         with self._cond:
@@ -123,8 +136,9 @@ class LocalGroup:
     PORT_KEYS = ("gms_port", "state_transfer_port", "sst_port", "rdmc_port", "external_port")
 
     def __init__(self, workdir: Path, provider: str = "sockets", settings: dict[str, Any] | None = None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, program: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.program = program
         self.provider = provider
         self.extra = extra or []
         self.members: dict[int, Member] = {}
@@ -154,14 +168,14 @@ class LocalGroup:
         old = self.members.get(node_id)
         if old is not None:
             self.retired.append(old)
-        member = Member(node_id, self.ports_of(node_id), self.conf_file, self.extra)
+        member = Member(node_id, self.ports_of(node_id), self.conf_file, self.extra, program=self.program)
         self.members[node_id] = member
         return member
 
     def start_extra(self, node_id: int) -> Member:
         """A second process claiming ``node_id`` (its own ports)."""
         ports = dict(zip(self.PORT_KEYS, free_ports(5)))
-        member = Member(node_id, ports, self.conf_file, self.extra)
+        member = Member(node_id, ports, self.conf_file, self.extra, program=self.program)
         self.retired.append(member)
         return member
 
