@@ -57,6 +57,7 @@ class SubgroupObject:
     persisted: int = INVALID_VERSION
     reported: tuple[int, int] = (INVALID_VERSION, 0)
     max_reply: int = 0
+    published_at: float = 0.0
 
     @property
     def persistent(self) -> bool:
@@ -97,6 +98,7 @@ class RpcManager:
         self._last_tick = 0.0
         self._tick_s = max(0.01, group.conf.get("DERECHO/heartbeat_ms") / 1000.0)
         self.caller_id: int | None = None
+        self._callbacks_want_progress = group._user_callback("global_persistence_callback") is not None
         #: state transfers of this node, for tests and ``derecho status``: {"to"|"from", "subgroup", "vid", ...}
         self.transfers: list[dict[str, Any]] = []
         self._max_p2p_request: int = group.conf.get("DERECHO/max_p2p_request_payload_size")
@@ -118,6 +120,7 @@ class RpcManager:
         target = resolve(_type_of(subgroup_type), method, mode="ordered")
         blob = self.serializer.dumps([list(args), kwargs] if kwargs else [list(args)], "argument list")
         pending = self._new_pending("ordered", subgroup_id)
+        pending.watch_hook = self._watch_persistence
         payload = wire.encode_ordered(target.tag, pending.invocation_id, blob)
         limit = self.group._max_payload(subgroup_id)
         if len(payload) > limit:
@@ -256,6 +259,30 @@ class RpcManager:
             else:
                 pending.set_reply(node_id, error=RemoteExceptionOccurred(node_id, body[0], body[1]))
             self._forget_if_done(pending)
+
+    def _watch_persistence(self, pending: PendingResults) -> None:
+        """Someone waits for a call's persistence (any thread): track it, and push progress promptly."""
+        if pending.version != INVALID_VERSION:
+            self._add_waiter(pending)
+        # otherwise the delivery adds it (pending.watched is set before this runs)
+
+    def _add_waiter(self, pending: PendingResults) -> None:
+        version, sg = pending.version, pending.subgroup_id
+        if version == INVALID_VERSION:
+            pending.local_persisted.set()  # delivered in a raw subgroup: nothing is ever persisted
+            pending.global_persisted.set()
+            return
+        holder = self.objects.get(sg)
+        with self._lock:
+            fr = self._frontiers[sg]
+            if holder is not None and holder.persisted >= version:
+                pending.local_persisted.set()
+            if fr.global_persisted >= version:
+                pending.global_persisted.set()
+                return
+            fr.waiters.append((version, pending))
+        if holder is not None:
+            self.group._post(lambda: self._publish(holder))
 
     def _forget_if_done(self, pending: PendingResults) -> None:
         if pending.done:
@@ -430,9 +457,8 @@ class RpcManager:
                 view = self.views.get(d.vid, self.view)
                 members = view.subgroup_shard_views[d.subgroup_id][d.shard].members if view is not None else []
                 pending.fulfil_map(list(members), d.version, d.timestamp_ns // 1000)
-                if d.version != INVALID_VERSION:
-                    with self._lock:
-                        self._frontiers[d.subgroup_id].waiters.append((d.version, pending))
+                if pending.watched:
+                    self._add_waiter(pending)
         if holder is None or holder.obj is None:
             reply: wire.Reply = (wire.ORDERED, inv, wire.RAISED, [
                 "DerechoError", f"node {self.my_id} holds no object for subgroup {d.subgroup_id}"])
@@ -553,12 +579,24 @@ class RpcManager:
             self._publish(holder)
 
     def _publish(self, holder: SubgroupObject, force: bool = False) -> None:
+        """Push this node's persisted version and frontier to the shard.
+
+        Promptly when someone waits for persistence or the object has
+        Persistent fields (the SST push after each persist, spec §7.2), else at
+        most once per heartbeat: an update per delivery batch would cost every
+        node a message per batch that nobody reads.
+        """
         if not holder.ordered:
+            return
+        now = time.monotonic()
+        if not (force or holder.persistent or self._frontiers[holder.subgroup_id].waiters
+                or self._callbacks_want_progress or now - holder.published_at >= self._tick_s):
             return
         frontier = self._local_frontier_us(holder.subgroup_id)
         report = (holder.persisted, frontier)
         if force or report != holder.reported:
             holder.reported = report
+            holder.published_at = now
             self.group._engine.report_progress(holder.subgroup_id, holder.persisted, frontier)
 
     def _local_frontier_us(self, sg: int) -> int:
@@ -578,8 +616,7 @@ class RpcManager:
             return
         self._last_tick = now
         for holder in list(self.objects.values()):
-            if holder.persistent:
-                self._publish(holder)
+            self._publish(holder)
 
     def stop(self, reason: str) -> None:
         with self._lock:

@@ -43,8 +43,37 @@ class PendingResults:
         self._map_error: BaseException | None = None
         self.version = INVALID_VERSION
         self.timestamp_us = 0
-        self.local_persisted = threading.Event()
-        self.global_persisted = threading.Event()
+        # persistence events exist only once someone waits for them (most calls never do: they cost)
+        self.watch_hook: Callable[[PendingResults], None] | None = None
+        self.watched = False
+        self._local_persisted: threading.Event | None = None
+        self._global_persisted: threading.Event | None = None
+
+    @property
+    def local_persisted(self) -> threading.Event:
+        self._watch()
+        assert self._local_persisted is not None
+        return self._local_persisted
+
+    @property
+    def global_persisted(self) -> threading.Event:
+        self._watch()
+        assert self._global_persisted is not None
+        return self._global_persisted
+
+    def _watch(self) -> None:
+        if self._local_persisted is not None:
+            return
+        with self._lock:
+            if self._local_persisted is None:
+                self._global_persisted = threading.Event()
+                self._local_persisted = threading.Event()
+                if self._map_error is not None:
+                    self._local_persisted.set()
+                    self._global_persisted.set()
+        if self.watch_hook is not None and not self.watched:
+            self.watched = True
+            self.watch_hook(self)
 
     # -------------------------------------------------------------- filled in by the RPC manager
     def _future(self, node_id: int) -> Future[Any]:
@@ -94,8 +123,10 @@ class PendingResults:
                     if not fut.done():
                         fut.set_exception(error)
         self._map_ready.set()
-        self.local_persisted.set()
-        self.global_persisted.set()
+        if self._local_persisted is not None:
+            self._local_persisted.set()
+        if self._global_persisted is not None:
+            self._global_persisted.set()
 
     def awaiting(self) -> list[int]:
         """Members whose reply has not arrived (empty while the map is unknown)."""

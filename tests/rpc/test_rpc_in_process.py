@@ -88,10 +88,9 @@ class Directory:
 def layout(types: Any, prev: View | None, curr: View) -> dict[Any, list[list[SubView]]]:
     from derecho_core import SubgroupProvisioningError
 
-    if len(curr.members) < 3:
-        raise SubgroupProvisioningError("needs 3")
-    m = curr.members
-    return {Account: [[curr.make_subview(m[:2])]], Directory: [[curr.make_subview(m[2:3])]]}
+    if sorted(curr.members) != [0, 1, 2]:
+        raise SubgroupProvisioningError("needs nodes 0, 1 and 2")
+    return {Account: [[curr.make_subview([0, 1])]], Directory: [[curr.make_subview([2])]]}
 
 
 @pytest.fixture(scope="module")
