@@ -52,7 +52,7 @@ test-long: setup
 
 demo: setup
 	$(VENV)/bin/derecho plugins
-	$(PY) examples/membership_demo.py
+	$(VENV)/bin/derecho demo simple_replicated_objects
 
 bench: setup
 	$(PIP) install --quiet -e '.[bench]'
