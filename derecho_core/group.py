@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Any, Callable, Hashable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence, TypeVar
 
 from .conf import Conf
 from .engine import Engine, GroupStoppedError
@@ -27,6 +27,7 @@ from .view import View
 log = logging.getLogger("derecho.viewmanager")
 
 ViewUpcall = Callable[[View], None]
+T = TypeVar("T")
 
 
 class Group:
@@ -229,28 +230,30 @@ class Group:
         return len(self._subgroup_shards(subgroup_type, index))
 
     # ------------------------------------------------------------------ subgroups
-    def get_subgroup(self, subgroup_type: Hashable, index: int = 0) -> Replicated[Any]:
+    def get_subgroup(self, subgroup_type: type[T], index: int = 0) -> Replicated[T]:
         """This node's handle on subgroup ``index`` of ``subgroup_type`` (it must be a member)."""
+        key: Hashable = subgroup_type  # type: ignore[assignment]  # classes are hashable
         view = self._current()
         if not view.is_adequately_provisioned:
             raise SubgroupProvisioningError(f"view {view.vid} is not adequately provisioned")
-        sg = view.subgroup_id(subgroup_type, index)
+        sg = view.subgroup_id(key, index)
         if sg not in view.my_subgroups:
             raise DerechoError(f"node {self.get_my_id()} is not a member of subgroup {index} of "
                                f"{getattr(subgroup_type, '__name__', subgroup_type)} in view {view.vid}; "
                                "use get_nonmember_subgroup for a non-member handle")
-        return Replicated(self, subgroup_type, index, sg)
+        return Replicated(self, key, index, sg)
 
-    def get_nonmember_subgroup(self, subgroup_type: Hashable, index: int = 0) -> PeerCaller[Any]:
+    def get_nonmember_subgroup(self, subgroup_type: type[T], index: int = 0) -> PeerCaller[T]:
         """A handle for p2p_send to the members of a subgroup this node does not belong to."""
+        key: Hashable = subgroup_type  # type: ignore[assignment]  # classes are hashable
         view = self._current()
         if not view.is_adequately_provisioned:
             raise SubgroupProvisioningError(f"view {view.vid} is not adequately provisioned")
-        sg = view.subgroup_id(subgroup_type, index)
+        sg = view.subgroup_id(key, index)
         if sg in view.my_subgroups:
             raise DerechoError(f"node {self.get_my_id()} is a member of subgroup {index} of "
                                f"{getattr(subgroup_type, '__name__', subgroup_type)}; use get_subgroup")
-        return PeerCaller(self, subgroup_type, index, sg)
+        return PeerCaller(self, key, index, sg)
 
     def _start_external_server(self) -> None:
         try:
@@ -279,7 +282,7 @@ class Group:
             return cached[1]
         view = self._current()
         profiles = {sv.profile for sv in view.subgroup_shard_views[subgroup_id]}
-        size = max(self.conf.get(f"SUBGROUP/{p}/max_payload_size") for p in profiles)
+        size: int = max(self.conf.get(f"SUBGROUP/{p}/max_payload_size") for p in profiles)
         self._max_payload_cache[subgroup_id] = (view, size)
         return size
 

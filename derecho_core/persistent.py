@@ -114,7 +114,7 @@ def _pack_default(obj: Any) -> msgpack.ExtType:
         raise TypeError(f"cannot store a {type(obj).__qualname__}: a class defined inside a function "
                         "cannot be imported again to decode it; define it at module level")
     getstate = getattr(obj, "__getstate__", None)
-    own_state = type(obj).__getstate__ is not object.__getstate__ if getstate is not None else False
+    own_state = getattr(type(obj), "__getstate__", None) is not getattr(object, "__getstate__", None)
     if getstate is None or (not own_state and not hasattr(obj, "__dict__") and not hasattr(obj, "__slots__")):
         # every object has object.__getstate__ since Python 3.11; one without a __dict__ or __slots__
         # (a lock, a socket, a C type) would arrive as an empty shell

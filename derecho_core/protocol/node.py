@@ -27,7 +27,7 @@ from .events import (
 )
 from .membership import Membership
 from .multicast import Delivery, PayloadTooLarge, ShardParams, ViewMulticast, decode_block
-from .progress import LocalProgress, ProgressTracker, ShardProgress
+from .progress import LocalProgress, ProgressTracker
 
 CH_MEMBERSHIP = b"M"
 CH_MULTICAST = b"C"

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 from ..errors import DerechoError, NodeRemovedFromGroupError, RemoteExceptionOccurred, SenderRemovedFromGroupError
 from ..persistent import PersistentRegistry
@@ -290,22 +290,22 @@ class RpcManager:
                 self._pending.pop(pending.invocation_id, None)
 
     def on_shard_progress(self, progress: ShardProgress) -> None:
-        done: list[PendingResults] = []
+        done: list[tuple[int, PendingResults]] = []
         with self._frontier_cv:
             fr = self._frontiers[progress.subgroup_id]
             grew = progress.persisted > fr.global_persisted
             fr.global_persisted = max(fr.global_persisted, progress.persisted)
             fr.stability_us = max(fr.stability_us, progress.frontier_us)
             if grew:
-                keep = []
+                keep: list[tuple[int, PendingResults]] = []
                 for version, pending in fr.waiters:
                     (done if version <= fr.global_persisted else keep).append((version, pending))
                 fr.waiters = keep
                 while fr.own_unpersisted and fr.own_unpersisted[0][0] <= fr.global_persisted:
                     fr.own_unpersisted.popleft()
                 self._frontier_cv.notify_all()
-        for _version, pending in done:  # type: ignore[assignment]
-            pending.global_persisted.set()
+        for _version, waiter in done:
+            waiter.global_persisted.set()
         if grew:
             cb = self.group._user_callback("global_persistence_callback")
             if cb is not None:
@@ -386,9 +386,9 @@ class RpcManager:
         ordered = sv.mode == Mode.ORDERED
         if _is_raw_type(subgroup_type):
             return SubgroupObject(subgroup_type, index, sg, shard, None, None, ordered, sv.profile)
+        frontiers = self._frontiers[sg]
         registry = PersistentRegistry.for_subgroup(
-            _type_of(subgroup_type), index, shard, self.conf,
-            frontier=lambda sg=sg: self._frontiers[sg].stability_us)
+            _type_of(subgroup_type), index, shard, self.conf, frontier=lambda: frontiers.stability_us)
         factory = self.group.factories.get(subgroup_type)
         try:
             obj = factory(registry, sg) if factory is not None else _type_of(subgroup_type)()

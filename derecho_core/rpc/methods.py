@@ -63,7 +63,7 @@ class _Marked:
         self.function = function
         self.ordered = ordered
         self.p2p = p2p
-        functools.update_wrapper(self, function)  # type: ignore[arg-type]
+        functools.update_wrapper(self, function)
 
     def __set_name__(self, owner: type, name: str) -> None:
         _register(owner, name, self)
