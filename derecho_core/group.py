@@ -6,9 +6,11 @@ class wires it to the engine and runs the delivery thread (DESIGN §4).
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable, Hashable, Iterable, Sequence, TypeVar
 
 from .conf import Conf
@@ -65,6 +67,7 @@ class Group:
         self._ready_error: BaseException | None = None
         self._max_payload_cache: dict[int, tuple[View, int]] = {}
         self._external: Any = None
+        self._recent_views: collections.deque[tuple[int, list[int], float]] = collections.deque(maxlen=20)
         self._state_server: Any = None
         self.rpc = RpcManager(self)
         self._engine = Engine(self.conf, subgroup_info=subgroup_info, types=self.types, listener=self)
@@ -89,6 +92,7 @@ class Group:
 
     # ------------------------------------------------------------------ engine callbacks (engine thread)
     def view_installed(self, view: View) -> None:
+        self._recent_views.append((view.vid, list(view.members), time.time()))
         self._deliveries.put(lambda: self._on_view(view))
 
     def _on_view(self, view: View) -> None:
@@ -267,6 +271,36 @@ class Group:
         if self._external is None:
             raise DerechoError("this group serves no external clients (it has no replicated types)")
         return self._external.client_callback(subgroup_type, index)
+
+    def status(self) -> dict[str, Any]:
+        """What ``derecho status`` shows: the view, the subgroups, and this node's shards' progress (JSON-able)."""
+        view = self._current()
+        names = {sg: (getattr(t, "__name__", str(t)), i) for t, ids in view.subgroup_ids_by_type.items()
+                 for i, sg in enumerate(ids)}
+        members = []
+        for rank, node in enumerate(view.members):
+            addr = view.member_ips_and_ports[rank]
+            members.append({"id": node, "rank": rank, "failed": bool(view.failed[rank]),
+                            "address": None if addr is None else f"{addr.ip_address}:{addr.gms_port}",
+                            "external_port": None if addr is None else addr.external_port})
+        subgroups = []
+        for sg, shards in enumerate(view.subgroup_shard_views):
+            name, index = names.get(sg, ("?", 0))
+            subgroups.append({"subgroup_id": sg, "type": name, "index": index, "shards": [
+                {"shard": n, "members": list(sv.members), "senders": list(sv.senders), "mode": sv.mode.name,
+                 "profile": sv.profile} for n, sv in enumerate(shards)]})
+        progress = {}
+        for sg, holder in list(self.rpc.objects.items()):
+            progress[str(sg)] = {
+                "shard": holder.shard, "latest_version": holder.latest_version, "persisted": holder.persisted,
+                "global_persisted": self.rpc.get_global_persistence_frontier(sg),
+                "stability_frontier_us": self.rpc.get_stability_frontier_us(sg),
+                "persistent_fields": sorted(holder.registry.fields) if holder.registry is not None else []}
+        return {"node": self.get_my_id(), "vid": view.vid, "members": members,
+                "adequately_provisioned": view.is_adequately_provisioned, "subgroups": subgroups,
+                "my_shards": progress,
+                "recent_views": [{"vid": v, "members": m, "time": t} for v, m, t in self._recent_views],
+                "state_transfers": list(self.rpc.transfers[-20:])}
 
     def get_rpc_caller_id(self) -> int | None:
         """Inside an RPC handler: the node whose call is being executed."""

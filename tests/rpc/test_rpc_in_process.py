@@ -247,3 +247,19 @@ def test_query_results_are_awaitable(trio: dict[int, Group]) -> None:
         return {n: f.result(10) for n, f in futures.items()}
 
     assert set(asyncio.run(main())) == {0, 1}
+
+
+@pytest.mark.timeout(60)
+def test_status_describes_the_view_subgroups_and_progress(trio: dict[int, Group]) -> None:
+    import json
+
+    r = trio[0].get_subgroup(Account).ordered_send("deposit", 1)
+    r.await_global_persistence(10)
+    status = json.loads(json.dumps(trio[0].status()))  # JSON-able
+    assert status["node"] == 0 and status["vid"] == trio[0].get_view().vid
+    assert sorted(m["id"] for m in status["members"]) == [0, 1, 2]
+    account = next(s for s in status["subgroups"] if s["type"] == "Account")
+    assert account["shards"][0]["members"] == [0, 1] and account["shards"][0]["mode"] == "ORDERED"
+    mine = status["my_shards"][str(account["subgroup_id"])]
+    assert mine["global_persisted"] >= r.version and mine["persistent_fields"] == ["balance"]
+    assert status["recent_views"][-1]["vid"] == status["vid"]
