@@ -260,10 +260,8 @@ class Group:
         return PeerCaller(self, key, index, sg)
 
     def _start_external_server(self) -> None:
-        try:
-            from .external_server import ExternalServer
-        except ImportError:  # TEMPORARY while external_server.py is being written
-            return
+        from .external_server import ExternalServer
+
         self._external = ExternalServer.for_group(self)
 
     def get_client_callback(self, subgroup_type: Hashable, index: int = 0) -> Any:
