@@ -31,6 +31,7 @@ from .protocol.membership import Membership
 from .protocol.multicast import Delivery, ShardParams
 from .protocol.node import Deliver, NodeProtocol, SendRejected, SendRequest
 from .protocol.progress import LocalProgress, ShardProgress
+from .protocol.restart import RestartInfo
 from .transport import MessageReceived, NotConnectedError, PeerConnected, PeerFailed, Transport
 from .view import IpAndPorts, View
 
@@ -68,7 +69,8 @@ class Engine:
     """Runs one node's protocol. ``start()`` then ``wait_for_first_view()``."""
 
     def __init__(self, conf: Conf, *, subgroup_info: Any = None, types: Sequence[Hashable] = (),
-                 listener: EngineListener | None = None, transport: Transport | None = None) -> None:
+                 listener: EngineListener | None = None, transport: Transport | None = None,
+                 restart: RestartInfo | None = None) -> None:
         self.conf = conf
         self.node_id: int = conf.get("DERECHO/local_id")
         ip = conf.get("DERECHO/local_ip")
@@ -85,7 +87,12 @@ class Engine:
             self.node_id, self.address, heartbeat_ms=conf.get("DERECHO/heartbeat_ms"),
             suspicion_timeout_ms=conf.get("DERECHO/suspicion_timeout_ms"),
             partition_safety=not conf.get("DERECHO/disable_partitioning_safety"),
-            allocate=allocate, nonce=secrets.randbits(62) or 1, subgroup_type_order=self.types)
+            allocate=allocate, nonce=secrets.randbits(62) or 1, subgroup_type_order=self.types,
+            group_id=secrets.token_hex(8), restart=restart,
+            restart_timeout_ms=conf.get("DERECHO/restart_timeout_ms"),
+            restart_leaders=self.restart_leaders(conf),
+            backup_restart_leaders=conf.get("DERECHO/enable_backup_restart_leaders"))
+        self.restart = restart
         self.node = NodeProtocol(self.membership, self._shard_params)
         if transport is None:
             factory = plugins.transport(conf.get("RDMA/provider"))
@@ -106,11 +113,22 @@ class Engine:
         self._barrier_waiters: dict[tuple[int, int], threading.Event] = {}
         self._barrier_round = 0
 
+    @staticmethod
+    def restart_leaders(conf: Conf) -> list[tuple[str, int]]:
+        """``restart_leaders``/``restart_leader_ports`` in order; left at their defaults, the contact."""
+        if conf.source("DERECHO/restart_leaders") == "default" and \
+                conf.source("DERECHO/restart_leader_ports") == "default":
+            return [(conf.get("DERECHO/contact_ip"), conf.get("DERECHO/contact_port"))]
+        return list(zip(conf.get("DERECHO/restart_leaders"), conf.get("DERECHO/restart_leader_ports"),
+                        strict=True))
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.transport.listen()
         self._gms = GmsChannel(self.address.ip_address, self.address.gms_port, self._on_gms, self.key)
         contact = (self.conf.get("DERECHO/contact_ip"), self.conf.get("DERECHO/contact_port"))
+        if self.restart is not None:
+            contact = self.restart_leaders(self.conf)[0]  # the first restart leader gathers the restart
         now = self._now()
         if contact == (self.address.ip_address, self.address.gms_port):
             log.info("node %d starts a new group as its leader (contact %s:%d)", self.node_id, *contact)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import logging
+
+import msgpack
 import queue
 import threading
 import time
@@ -70,7 +72,9 @@ class Group:
         self._recent_views: collections.deque[tuple[int, list[int], float]] = collections.deque(maxlen=20)
         self._state_server: Any = None
         self.rpc = RpcManager(self)
-        self._engine = Engine(self.conf, subgroup_info=subgroup_info, types=self.types, listener=self)
+        restart = self._load_restart_state()
+        self._engine = Engine(self.conf, subgroup_info=subgroup_info, types=self.types, listener=self,
+                              restart=restart)
         self._delivery.start()
         try:
             from .state_transfer import StateTransferServer
@@ -78,7 +82,15 @@ class Group:
             if self.types:
                 self._state_server = StateTransferServer.from_conf(self.conf)
             self._engine.start()
-            self._engine.wait_for_first_view(join_timeout)
+            try:
+                self._engine.wait_for_first_view(join_timeout)
+            except GroupStoppedError as exc:
+                if exc.kind == "wrong_group":
+                    raise GroupStoppedError(exc.kind, (
+                        f"{exc.reason}. The logs in {self.conf.get('PERS/file_path')} are from another group's run "
+                        "(Derecho issue #82): move them away, or start this node with PERS/reset = true to "
+                        "discard them")) from None
+                raise
             self._wait_ready(join_timeout)
             if self.types:
                 self._start_external_server()
@@ -91,6 +103,41 @@ class Group:
             raise
 
     # ------------------------------------------------------------------ engine callbacks (engine thread)
+    # ------------------------------------------------------------------ total restart (spec §3.10)
+    SAVED_STATE = "derecho-group"
+
+    def _load_restart_state(self) -> Any:
+        """The saved view of this node's last run, with its objects opened so their logs can be measured."""
+        from .protocol.restart import RestartInfo
+        from .storage import load_object
+
+        if not self.types:
+            return None
+        blob = load_object(self.conf, self.SAVED_STATE)
+        if blob is None:
+            return None
+        try:
+            saved = msgpack.unpackb(blob)
+            view = View.from_bytes(saved["view"], my_id=self.conf.get("DERECHO/local_id"),
+                                   subgroup_type_order=self.types)
+            group_id = str(saved["group"])
+        except Exception as exc:
+            raise DerechoError(f"the saved view in {self.conf.get('PERS/file_path')} cannot be read ({exc!r}); "
+                               "start with PERS/reset = true to discard this node's saved state") from None
+        persisted = self.rpc.preload(view)
+        log.info("node %d found the saved view %d of group %s: it restarts from its logs (persisted %s)",
+                 self.conf.get("DERECHO/local_id"), view.vid, group_id, persisted)
+        return RestartInfo(group_id, view, persisted)
+
+    def _save_restart_state(self, view: View) -> None:
+        """Delivery thread, after a view's objects are set up: what a total restart starts from."""
+        from .storage import save_object
+
+        if not any(h.persistent for h in self.rpc.objects.values()):
+            return
+        save_object(self.conf, self.SAVED_STATE, msgpack.packb(
+            {"group": self._engine.membership.group_id, "view": view.to_bytes()}, use_bin_type=True))
+
     def view_installed(self, view: View) -> None:
         self._recent_views.append((view.vid, list(view.members), time.time()))
         self._deliveries.put(lambda: self._on_view(view))
@@ -99,6 +146,8 @@ class Group:
         """Delivery thread: objects first (state transfer included), then the application's upcalls."""
         try:
             self.rpc.on_view(view)
+            if view.is_adequately_provisioned:
+                self._save_restart_state(view)
         except BaseException as exc:
             if not self._ready.is_set():
                 self._ready_error = exc

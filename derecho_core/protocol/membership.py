@@ -28,6 +28,7 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 from ..errors import SubgroupProvisioningError
 from ..view import IpAndPorts, View, make_next_view
 from . import wire
+from .restart import Candidate, RestartCoordinator, RestartInfo
 from .events import (
     Action,
     Connect,
@@ -163,7 +164,9 @@ class Membership:
                  allocate: Allocate | None = None, nonce: int = 0,
                  join_retry_ms: float | None = None,
                  subgroup_type_order: Sequence[Hashable] = (),
-                 ready_to_install: Callable[[int], bool] | None = None) -> None:
+                 ready_to_install: Callable[[int], bool] | None = None,
+                 group_id: str = "", restart: RestartInfo | None = None, restart_timeout_ms: float = 2000,
+                 restart_leaders: Sequence[tuple[str, int]] = (), backup_restart_leaders: bool = False) -> None:
         self.id = node_id
         self.address = IpAndPorts(*address)
         self.heartbeat_ms = heartbeat_ms
@@ -174,6 +177,17 @@ class Membership:
         self.join_retry_ms = join_retry_ms if join_retry_ms is not None else max(4 * suspicion_timeout_ms, 1000)
         self.type_order = list(subgroup_type_order)
         self._inadequate_logged: tuple[int, tuple[int, ...]] | None = None
+        #: the identity of this node's group: a fresh one for a new group, the saved one on restart, the
+        #: leader's once admitted. A joiner whose logs carry another identity is refused (Derecho issue #82).
+        self.group_id = restart.group_id if restart is not None else group_id
+        self.restart = restart
+        self.restart_timeout_ms = restart_timeout_ms
+        self.restart_leaders = list(restart_leaders)
+        self.backup_restart_leaders = backup_restart_leaders
+        self.restart_leader_index = 0
+        self.restarting: RestartCoordinator | None = None  # this node leads a total restart
+        self._restart_reason_logged = ""
+        self._restart_attempts = 0
         #: multicast's ragged-trim hook: may the view that follows ``vid`` be installed yet?
         self.ready_to_install = ready_to_install or (lambda vid: True)
 
@@ -204,9 +218,49 @@ class Membership:
     def start_new_group(self, now: float) -> list[Action]:
         """This node is the contact: it leads a fresh group, first alone, until the first view is adequate."""
         self.now = now
+        if self.restart is not None:
+            self._lead_restart()
+            return self._flush()
         self.initial_candidates = [Change(self.id, self.id, False, self.address, self.nonce)]
         self._try_initial_view()
         return self._flush()
+
+    def _lead_restart(self) -> None:
+        assert self.restart is not None
+        me = Candidate(self.id, self.address, self.nonce, self.restart)
+        self.restarting = RestartCoordinator(me, self.restart_timeout_ms, self.now, self.allocate, self.type_order)
+        self.join_target = None
+        self._log(logging.INFO, "node %d leads a total restart of group %s from its view %d", self.id,
+                  self.group_id, self.restart.view.vid)
+        self._probe_live_group()
+        self._try_restart()
+
+    def _probe_live_group(self) -> None:
+        """Ask the saved view's other members whether a group is still running (then join it instead)."""
+        assert self.restart is not None
+        msg = self._join_message()
+        for rank, node in enumerate(self.restart.view.members):
+            addr = self.restart.view.member_ips_and_ports[rank]
+            if node != self.id and addr is not None:
+                self._out.append(SendToAddress((addr.ip_address, addr.gms_port), msg))
+
+    def _try_restart(self) -> None:
+        assert self.restarting is not None
+        view = self.restarting.decide(self.now)
+        if view is None:
+            reason = self.restarting.last_reason
+            if reason != self._restart_reason_logged:
+                self._restart_reason_logged = reason
+                self._log(logging.INFO, "total restart: %s", reason)
+            return
+        coordinator, self.restarting = self.restarting, None
+        self.restart = None
+        self._nonces = {c.node: c.nonce for c in coordinator.candidates}
+        self._log(logging.INFO, "total restart: installing view %d with %s", view.vid, view.members)
+        self._install(view, Row([False] * view.num_members), allocate=False)
+        for c in coordinator.candidates:
+            if c.node != self.id:
+                self._send_welcome(c.node, c.address)
 
     def start_join(self, contact: tuple[str, int], now: float) -> list[Action]:
         """Ask the node at ``contact`` (host, gms_port) to admit this node."""
@@ -218,9 +272,29 @@ class Membership:
 
     def _send_join(self) -> None:
         assert self.join_target is not None
-        self.join_deadline = self.now + self.join_retry_ms
-        self._out.append(SendToAddress(self.join_target, wire.encode(
-            wire.JOIN, self.id, list(self.address), self.nonce)))
+        self.join_deadline = self.now + (self.restart_timeout_ms if self.restart is not None
+                                         else self.join_retry_ms)
+        self._out.append(SendToAddress(self.join_target, self._join_message()))
+
+    def _join_message(self) -> bytes:
+        info = self.restart.encode() if self.restart is not None else None
+        return wire.encode(wire.JOIN, self.id, list(self.address), self.nonce, info)
+
+    def _join_timed_out(self) -> None:
+        """No answer to a join: retry; a restarting node may move on to the next restart leader."""
+        if self.restart is not None and self.backup_restart_leaders and self.restart_leaders:
+            self._restart_attempts += 1
+            if self._restart_attempts >= 2:  # the leader stayed silent for two windows: it has failed
+                self._restart_attempts = 0
+                self.restart_leader_index = (self.restart_leader_index + 1) % len(self.restart_leaders)
+                target = self.restart_leaders[self.restart_leader_index]
+                self._log(logging.WARNING, "restart leader did not answer; trying the next one, %s:%d", *target)
+                if target == (self.address.ip_address, self.address.gms_port):
+                    self._lead_restart()
+                    return
+                self.contact = target
+        self.join_target = self.contact
+        self._send_join()
 
     # ================================================================== queries
     @property
@@ -248,6 +322,8 @@ class Membership:
         if self.stopped:
             return float("inf")
         if self.view is None:
+            if self.restarting is not None:
+                return self.restarting.window_end
             return self.join_deadline if self.join_target else float("inf")
         return min(self.next_heartbeat, self.now + self.heartbeat_ms)
 
@@ -301,10 +377,13 @@ class Membership:
     # ------------------------------------------------------------------ timers
     def _on_tick(self) -> None:
         if self.view is None:
-            if self.join_target is not None and self.now >= self.join_deadline:
+            if self.restarting is not None:
+                if self.now >= self.restarting.window_end:
+                    self._probe_live_group()
+                self._try_restart()
+            elif self.join_target is not None and self.now >= self.join_deadline:
                 # no answer: the contact may have failed or the welcome was lost; start over at the contact
-                self.join_target = self.contact
-                self._send_join()
+                self._join_timed_out()
             return
         if self.now >= self.next_heartbeat:
             self.next_heartbeat = self.now + self.heartbeat_ms
@@ -366,7 +445,10 @@ class Membership:
                 if not isinstance(raw, list) or len(raw) != 6:
                     raise wire.WireError("joiner address must be [ip, 5 ports]")
                 change = Change.decode([self.id, node, False, raw, msg[3]])
-                self._on_join(change)
+                info = None
+                if len(msg) == 5 and msg[4] is not None:
+                    info = RestartInfo.decode(msg[4], self.type_order)
+                self._on_join(change, info)
             elif kind == wire.JOIN_REPLY:
                 self._on_join_reply(msg)
             elif kind == wire.WELCOME:
@@ -386,8 +468,19 @@ class Membership:
         self._out.append(SendToAddress((to.ip_address, to.gms_port),
                                        wire.encode(wire.JOIN_REPLY, code, leader_id, leader_addr, text)))
 
-    def _on_join(self, change: Change) -> None:
+    def _on_join(self, change: Change, info: RestartInfo | None = None) -> None:
         assert change.address is not None
+        if self.restarting is not None:
+            refused = self.restarting.add(Candidate(change.node, change.address, change.nonce, info))
+            if refused is not None:
+                self._reply(change.address, wire.WRONG_GROUP, refused)
+            else:
+                self._try_restart()
+            return
+        if info is not None and info.group_id != self.group_id and self.group_id:
+            self._reply(change.address, wire.WRONG_GROUP,
+                        f"its logs belong to group {info.group_id}, but this group is {self.group_id}")
+            return
         if self.initial_candidates is not None:
             # the contact of a group whose first view is not adequate yet
             if any(c.node == change.node for c in self.initial_candidates):
@@ -437,15 +530,23 @@ class Membership:
         code = msg[1]
         if code not in wire.JOIN_REPLY_CODES:
             raise wire.WireError(f"unknown join reply code {code!r}")
+        text = msg[4] if isinstance(msg[4], str) else ""
         if code == wire.ID_IN_USE:
-            text = msg[4] if isinstance(msg[4], str) else ""
             self._stop("id_in_use", f"ID_IN_USE: {text or f'node id {self.id} is already in the group'}")
+        elif code == wire.WRONG_GROUP:
+            self._stop("wrong_group", f"WRONG_GROUP: the group refused this node: {text}")
         elif code == wire.LEADER_REDIRECT and msg[3] is not None:
+            if self.restarting is not None:
+                # a live member answered our probe: the group survived; join it instead of restarting
+                self._log(logging.INFO, "total restart: a member of view %d is alive; joining the running group",
+                          self.restarting.newest.vid)
+                self.restarting = None
+                self.contact = wire.check_address(msg[3], "leader address")
             self.join_target = wire.check_address(msg[3], "leader address")
             self._send_join()
 
     def _on_welcome(self, msg: list[Any]) -> None:
-        if self.view is not None or self.join_target is None:
+        if self.view is not None or (self.join_target is None and self.restarting is None):
             return
         try:
             view = View.from_bytes(msg[1], my_id=self.id, subgroup_type_order=self.type_order)
@@ -459,6 +560,10 @@ class Membership:
                   leader_row.num_acked, leader_row.num_committed, leader_row.num_installed)
         self.join_target = None
         self._nonces = {}
+        if len(msg) == 4 and isinstance(msg[3], str):
+            self.group_id = msg[3]
+        self.restart = None
+        self.restarting = None  # a restart leader admitted to a group that survived
         self._install(view, row, allocate=True)
 
     # ------------------------------------------------------------------ initial view
@@ -829,4 +934,4 @@ class Membership:
     def _send_welcome(self, node: int, address: IpAndPorts) -> None:
         assert self.view is not None
         self._out.append(SendToAddress((address.ip_address, address.gms_port), wire.encode(
-            wire.WELCOME, self.view.to_bytes(), self.my_row.encode(ROW_FIELDS))))
+            wire.WELCOME, self.view.to_bytes(), self.my_row.encode(ROW_FIELDS), self.group_id)))

@@ -17,15 +17,16 @@ from ..errors import DerechoError
 #: message kinds
 SST = "sst"            # [SST, vid, {field: value}]          an SST row update from its owner
 HEARTBEAT = "hb"       # [HEARTBEAT, vid]
-JOIN = "join"          # [JOIN, node_id, [host, port], nonce]  joiner -> contact (by address)
+JOIN = "join"          # [JOIN, node_id, [host, port], nonce, restart info | None]  joiner -> contact
 JOIN_REPLY = "jrep"    # [JOIN_REPLY, code, leader_id, [host, port] | None, text]
-WELCOME = "welcome"    # [WELCOME, view, leader_row]           leader -> joiner, after the view is installed
+WELCOME = "welcome"    # [WELCOME, view, leader_row, group id]  leader -> joiner, after the view is installed
 
 # join reply codes, as Derecho's JoinResponseCode
 OK = "OK"
 ID_IN_USE = "ID_IN_USE"
 LEADER_REDIRECT = "LEADER_REDIRECT"
-JOIN_REPLY_CODES = (OK, ID_IN_USE, LEADER_REDIRECT)
+WRONG_GROUP = "WRONG_GROUP"  # the joiner's logs belong to another group (Derecho issue #82)
+JOIN_REPLY_CODES = (OK, ID_IN_USE, LEADER_REDIRECT, WRONG_GROUP)
 
 MAX_MESSAGE = 300 << 20  # above the largest RDMC block or SMC batch a profile allows
 
@@ -47,11 +48,11 @@ def decode(data: bytes | bytearray | memoryview) -> list[Any]:
         raise WireError(f"undecodable membership message: {exc}") from None
     if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
         raise WireError(f"membership message is not [kind, ...]: {type(msg).__name__}")
-    arity = {SST: 3, HEARTBEAT: 2, JOIN: 4, JOIN_REPLY: 5, WELCOME: 3}.get(msg[0])
+    arity = {SST: (3,), HEARTBEAT: (2,), JOIN: (4, 5), JOIN_REPLY: (5,), WELCOME: (3, 4)}.get(msg[0])
     if arity is None:
         raise WireError(f"unknown membership message kind {msg[0]!r}")
-    if len(msg) != arity:
-        raise WireError(f"{msg[0]} message has {len(msg)} fields, expected {arity}")
+    if len(msg) not in arity:
+        raise WireError(f"{msg[0]} message has {len(msg)} fields, expected {' or '.join(map(str, arity))}")
     return msg
 
 

@@ -58,6 +58,7 @@ class SubgroupObject:
     reported: tuple[int, int] = (INVALID_VERSION, 0)
     max_reply: int = 0
     published_at: float = 0.0
+    preloaded: bool = False  # opened from a saved view before the restart view is known
 
     @property
     def persistent(self) -> bool:
@@ -345,13 +346,15 @@ class RpcManager:
                 old_leader = _old_shard_leader(sv)
                 holder = self.objects.get(sg)
                 if self.my_id in sv.members:
+                    fresh = holder is None or holder.shard != shard or holder.preloaded
                     if holder is None or holder.shard != shard:
                         if holder is not None:
                             self._close(holder)
                         holder = self._make_object(subgroup_type, index, sg, shard, sv)
-                        if old_leader is not None and old_leader != self.my_id and \
-                                not _is_raw_type(subgroup_type):
-                            incoming.append((holder, old_leader))
+                    holder.preloaded = False
+                    if fresh and old_leader is not None and old_leader != self.my_id and \
+                            not _is_raw_type(subgroup_type):
+                        incoming.append((holder, old_leader))
                     keep[sg] = holder
                 if old_leader == self.my_id and holder is not None and holder.shard == shard:
                     joiners = [m for m in sv.joined if m != self.my_id]
@@ -381,6 +384,23 @@ class RpcManager:
                 self._publish(holder, force=True)
         finally:
             sending.join()  # nothing of the new view is delivered while a snapshot is being read
+
+    def preload(self, view: View) -> dict[str, int]:
+        """Total restart: open this node's objects of its saved view; their persisted versions by "sg/shard".
+
+        The restart leader compares these to pick, per shard, the longest log.
+        """
+        persisted: dict[str, int] = {}
+        for sg, shards in enumerate(view.subgroup_shard_views):
+            subgroup_type, index = _type_and_index(view, sg)
+            for shard, sv in enumerate(shards):
+                if self.my_id not in sv.members or _is_raw_type(subgroup_type):
+                    continue
+                holder = self._make_object(subgroup_type, index, sg, shard, sv)
+                holder.preloaded = True
+                self.objects[sg] = holder
+                persisted[f"{sg}/{shard}"] = holder.persisted
+        return persisted
 
     def _make_object(self, subgroup_type: Hashable, index: int, sg: int, shard: int, sv: Any) -> SubgroupObject:
         ordered = sv.mode == Mode.ORDERED
