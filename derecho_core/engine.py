@@ -42,6 +42,8 @@ CH_RPC_REQUEST = b"Q"  # point-to-point RPC traffic goes to the listener, not th
 CH_RPC_REPLY = b"R"
 #: how many messages a sender may queue in a shard before ``send`` waits (beyond the window)
 MAX_QUEUED_SENDS = 1024
+#: how long a leaving node keeps reading after its announcement went out (see Engine._finish)
+LEAVE_GRACE_S = 0.2
 #: messages waiting for a peer's connection (or room in its send queue); past this the peer is failed
 MAX_BACKLOG = 100_000
 
@@ -288,6 +290,12 @@ class Engine:
                 if isinstance(event, PeerConnected):
                     self._flush_backlog()
             self._flush_backlog()
+        # Keep reading a little longer before closing: closing a socket with unread data sends a reset,
+        # and a peer whose send then fails may declare this node failed before it reads the leave
+        # announcement. Several members leaving at once could then look like a lost majority.
+        grace = time.monotonic() + LEAVE_GRACE_S
+        while time.monotonic() < grace and self.transport.peers():
+            self.transport.poll(0.01)
         self._running = False
 
     def _handle(self, event: Any) -> None:

@@ -13,6 +13,8 @@ then runs one command per stdin line, answering with a JSON line:
 - ``digest``: digests of the object state and of every log, the latest version,
   and the state transfers this node sent;
 - ``persist``: wait until this node's last call is persisted on every member;
+- ``stream N``: N calls kept in flight, every 25th awaited until globally persisted and
+  reported as ``durable`` with the counter value it returned;
 - ``leave``: leave the group and exit 0.
 """
 
@@ -126,6 +128,19 @@ def main(argv: list[str] | None = None) -> int:
                         c["other"] += 1
                         emit("error", error=repr(exc))
             emit("burst", replies={str(k): v for k, v in counts.items()})
+        elif cmd == "stream":
+            # continuous load: calls in flight all the time; every 25th is awaited until persisted on every
+            # member and reported as durable (the test kills the group at some point in this loop)
+            window: list[Any] = []
+            for i in range(int(params[0])):
+                window.append(handle.ordered_send("add", 1))
+                if len(window) >= 25:
+                    r = window[-1]
+                    n = max(f.result(60) for f in r.get(60).values())
+                    r.await_global_persistence(60)
+                    emit("durable", n=n, version=r.version)
+                    window = []
+            emit("streamed")
         elif cmd == "pad":
             r = handle.ordered_send("set_pad", int(params[0]))
             last = r
