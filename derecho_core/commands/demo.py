@@ -39,6 +39,8 @@ START_GAP = 0.2
 #: set for the nodes: exit when standard input closes (the launcher is gone)
 WATCH_ENV = "DERECHO_DEMO_EXIT_ON_STDIN_EOF"
 PORT_KEYS = ("gms_port", "state_transfer_port", "sst_port", "rdmc_port", "external_port")
+#: environment variable listing the nodes' external ports in node order
+EXTERNAL_PORTS_ENV = "DERECHO_DEMO_EXTERNAL_PORTS"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -233,6 +235,8 @@ def run_example(example: Example, nodes: int, provider: str, timeout: float, ext
     with tempfile.TemporaryDirectory(prefix=f"derecho-demo-{example.name}-") as tmp:
         chosen = free_ports(len(PORT_KEYS) * nodes)
         ports = [dict(zip(PORT_KEYS, chosen[i * len(PORT_KEYS):(i + 1) * len(PORT_KEYS)])) for i in range(nodes)]
+        # every node's external-client port, for examples with a client process (external_client)
+        env[EXTERNAL_PORTS_ENV] = ",".join(str(p["external_port"]) for p in ports)
         open_streams = 2 * nodes
         failed_at: float | None = None
         timed_out = interrupted = False

@@ -138,12 +138,23 @@ def test_random_messages(tmp_path, mode):
         assert len(digests) == 3 and len(set(digests)) == 1, digests  # the same order everywhere
 
 
+@pytest.mark.timeout(DEMO_TIMEOUT + 30)
+def test_external_client(tmp_path):
+    out = demo(tmp_path, "external_client")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "derecho demo: external_client: all 4 nodes exited 0" in out.stdout and "CHECK FAILED" not in out.stdout
+    client = lines_of(out.stdout, 3)
+    assert sorted(line for line in client if line.startswith("p2p_send get('Ken')")) == [
+        f"p2p_send get('Ken') to node {n}: Birman" for n in (0, 1, 2)]
+    assert any(line.startswith("notification: {'from': 0") for line in client), client
+
+
 @pytest.mark.timeout(60)
 def test_demo_list_and_errors(tmp_path):
     out = demo(tmp_path, "--list")
     assert out.returncode == 0, out.stderr
     for name in ("simple_replicated_objects", "overlapping_replicated_objects", "persistent_typed_subgroup",
-                 "persistent_temporal_query", "random_messages"):
+                 "persistent_temporal_query", "random_messages", "external_client"):
         assert re.search(rf"^  {name} +\d nodes ", out.stdout, re.M), out.stdout
     out = demo(tmp_path, "no_such_example")
     assert out.returncode == 2 and "no example 'no_such_example'" in out.stderr
