@@ -7,7 +7,7 @@ provide are imported lazily, so ``import derecho_core`` stays cheap.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .conf import Conf
 from .errors import (
@@ -21,6 +21,32 @@ from .errors import (
     SubgroupProvisioningError,
 )
 from .hookspecs import hookimpl
+
+if TYPE_CHECKING:  # type checkers see the lazily imported names with their real types
+    from .callbacks import UserMessageCallbacks
+    from .engine import GroupStoppedError
+    from .external_client import ExternalClientCaller, ExternalClientRefusedError, ExternalGroupClient
+    from .group import Group
+    from .persistent import Persistent, PersistentRegistry, Volatile
+    from .replicated import ExternalCaller, PeerCaller, RawObject, Replicated
+    from .rpc.manager import PayloadTooLargeError
+    from .rpc.methods import ordered, p2p, rpc_name
+    from .rpc.query_results import DeadlockError, QueryResults
+    from .rpc.wire import SerializationError
+    from .storage import (
+        HLC,
+        DiskFullError,
+        InvalidIndexError,
+        InvalidTimestampError,
+        InvalidVersionError,
+        LogCorruptionError,
+        LogFullError,
+        LogLockedError,
+        StorageError,
+        VersionNotStableError,
+    )
+    from .subgroup_info import SubgroupInfo
+    from .view import IpAndPorts, Mode, SubView, View, make_next_view
 
 __version__ = "0.1.0"
 

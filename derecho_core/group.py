@@ -13,7 +13,7 @@ import msgpack
 import queue
 import threading
 import time
-from typing import Any, Callable, Hashable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence, TypeVar
 
 from .conf import Conf
 from .engine import Engine, GroupStoppedError
@@ -48,7 +48,7 @@ class Group:
     """
 
     def __init__(self, types: Sequence[Hashable] = (), subgroup_info: Any = None,
-                 factories: dict[Hashable, Callable[..., Any]] | None = None, conf: Conf | None = None,
+                 factories: Mapping[Any, Callable[..., Any]] | None = None, conf: Conf | None = None,
                  view_upcalls: Iterable[ViewUpcall] = (), callbacks: Any = None, *,
                  join_timeout: float | None = None) -> None:
         self.conf = conf if conf is not None else Conf.load()

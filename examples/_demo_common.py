@@ -152,7 +152,7 @@ class Node:
 
 
 def start(description: str, argv: Sequence[str] | None = None, default_nodes: int = 3,
-          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Node:
+          add_arguments: Callable[[argparse.ArgumentParser], object] | None = None) -> Node:
     """Read a node's command line: its own options, then Derecho's ``--SECTION/key=value`` overrides."""
     parser = argparse.ArgumentParser(
         description=description,

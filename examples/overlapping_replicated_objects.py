@@ -146,8 +146,8 @@ def main() -> int:
             p2p_target = foo_members[2]
             node.say(f"Reading Foo's state from node {p2p_target}")
             p2p_foo_handle = group.get_nonmember_subgroup(Foo)
-            foo_results = p2p_foo_handle.p2p_send(p2p_target, Foo.read_state)
-            response = foo_results.get(TIMEOUT)[p2p_target].result(TIMEOUT)
+            foo_query = p2p_foo_handle.p2p_send(p2p_target, Foo.read_state)
+            response = foo_query.get(TIMEOUT)[p2p_target].result(TIMEOUT)
             node.say(f"  Response: {response}")
             node.check(response in (-1, 3), f"Foo's state is -1 (initial) or 3, not {response!r}")
         elif rank_in_cache == 2:

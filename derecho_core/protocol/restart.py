@@ -145,11 +145,11 @@ class RestartCoordinator:
                 if not sv.members:
                     continue
                 key = f"{sg}/{shard}"
-
-                def length(node: int) -> int:
-                    info = by_node[node].info
-                    return info.persisted.get(key, -1) if info is not None else -1
-
-                longest = max(sv.members, key=lambda m: (length(m), -sv.members.index(m)))
+                lengths = {m: _persisted(by_node[m].info, key) for m in sv.members}
+                longest = max(sv.members, key=lambda m: (lengths[m], -sv.members.index(m)))
                 sv.joined = [m for m in sv.members if m != longest]
                 sv.departed = []
+
+
+def _persisted(info: RestartInfo | None, key: str) -> int:
+    return info.persisted.get(key, -1) if info is not None else -1

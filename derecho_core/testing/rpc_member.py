@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             # continuous load: calls in flight all the time; every 25th is awaited until persisted on every
             # member and reported as durable (the test kills the group at some point in this loop)
             window: list[Any] = []
-            for i in range(int(params[0])):
+            for _ in range(int(params[0])):
                 window.append(handle.ordered_send("add", 1))
                 if len(window) >= 25:
                     r = window[-1]
