@@ -4,6 +4,7 @@
     derecho log show NAME                 its versions with timestamps
     derecho log show NAME --version V     the value at V (or at --time T, --index I), decoded if possible
     derecho log verify [NAME ...]         check every checksum (exit 1 on corruption)
+    derecho log saved                     the saved view and group identity a total restart starts from
 
 Logs are opened read-only, without the lock, so a running node's logs can be
 inspected; nothing is ever repaired or cut from here. The store is found
@@ -44,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     show.add_argument("-I", "--import-path", action="append", default=[],
                       help="directory to import the value's type from (repeatable)")
 
+    actions.add_parser("saved", help="the saved view and group identity (what a total restart starts from)")
+
     verify = actions.add_parser("verify", help="check every checksum of the logs (all by default)")
     verify.add_argument("names", nargs="*", help="log names (default: every log under the path)")
     p.set_defaults(func=run)
@@ -60,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise StorageError(f"storage {args.storage!r} keeps no files to inspect")
     directory = Path(args.path) if args.path else Path(_conf_path())
     action = args.log_action or "list"
+    if action == "saved":
+        return _saved(directory, args)
     if action == "list":
         return _list(store_cls, directory, args)
     if action == "show":
@@ -161,9 +166,13 @@ def _list(store_cls: Any, directory: Path, args: argparse.Namespace) -> int:
             out.append({"name": base, **_summary(log), "warnings": warned})
         finally:
             log.close()
+    saved = saved_state(directory)
     if args.json:
-        print(json.dumps({"path": str(directory), "logs": out}, indent=2))
+        print(json.dumps({"path": str(directory), "logs": out, "saved": saved}, indent=2))
         return 0
+    if saved is not None:
+        print(f"saved view {saved['vid']} of group {saved['group']}: members {saved['members']} "
+              "(derecho log saved shows it)")
     if not out:
         print(f"no logs under {directory}")
         return 0
@@ -304,3 +313,46 @@ def _verify(store_cls: Any, directory: Path, args: argparse.Namespace) -> int:
             else:
                 print(f"CORRUPT  {r['name']}: {r['error']}")
     return 1 if bad else 0
+
+
+SAVED_STATE = "derecho-group"  # Group.SAVED_STATE
+
+
+def saved_state(directory: Path) -> dict[str, Any] | None:
+    """The saved group identity and view under ``directory`` (None if there is none)."""
+    import msgpack
+
+    from ..storage import load_object
+    from ..view import View
+
+    blob = load_object(directory, SAVED_STATE)
+    if blob is None:
+        return None
+    try:
+        saved = msgpack.unpackb(blob)
+        view = View.from_bytes(saved["view"])
+    except Exception as exc:
+        return {"group": "?", "vid": -1, "members": [], "error": f"unreadable saved view: {exc!r}"}
+    shards = [[{"members": list(sv.members), "mode": sv.mode.name} for sv in shard_list]
+              for shard_list in view.subgroup_shard_views]
+    return {"group": str(saved["group"]), "vid": view.vid, "members": list(view.members), "subgroups": shards}
+
+
+def _saved(directory: Path, args: argparse.Namespace) -> int:
+    saved = saved_state(directory)
+    if args.json:
+        print(json.dumps({"path": str(directory), "saved": saved}, indent=2))
+        return 0
+    if saved is None:
+        print(f"no saved view under {directory}: a node starting here starts or joins a group afresh")
+        return 0
+    if "error" in saved:
+        print(f"{directory}: {saved['error']}")
+        return 1
+    print(f"group {saved['group']}, saved view {saved['vid']}, members {saved['members']}")
+    for sg, shards in enumerate(saved["subgroups"]):
+        for n, shard in enumerate(shards):
+            print(f"  subgroup {sg} shard {n}: {shard['mode']} {shard['members']}")
+    print("A node starting with this directory rejoins its group, or leads or joins a total restart of it "
+          "(PERS/reset = true discards it).")
+    return 0

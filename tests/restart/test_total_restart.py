@@ -4,9 +4,12 @@ of the whole view, at least two members)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -102,6 +105,12 @@ def test_restart_with_one_member_missing_then_it_catches_up(group: LocalGroup) -
         group.members[n].wait_for_view([0, 1, 2], 60, after_vid=vid)
     d = assert_identical(group, [0, 1, 2])
     assert d["value"] == {"n": 250, "total": 250}
+    # derecho log shows what a restart would start from: the saved view and the group's identity
+    out = subprocess.run([sys.executable, "-m", "derecho_core", "log", "--path",
+                          str(group.workdir / "plog" / "node2"), "--json", "saved"],
+                         capture_output=True, text=True, timeout=60)
+    saved = json.loads(out.stdout)["saved"]
+    assert saved["vid"] == group.members[2].last_vid() and sorted(saved["members"]) == [0, 1, 2], out
 
 
 @pytest.mark.timeout(240)
