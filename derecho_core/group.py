@@ -53,6 +53,10 @@ class Group:
                  join_timeout: float | None = None) -> None:
         self.conf = conf if conf is not None else Conf.load()
         configure_logging(self.conf)
+        if self.conf.get("DERECHO/serializer") == "pickle":
+            log.warning("DERECHO/serializer = pickle: RPC arguments, replies and object state are unpickled, "
+                        "which runs code chosen by any peer holding the cluster key; use it only when every "
+                        "peer is trusted")
         self.types = list(types)
         if self.types and subgroup_info is None:
             from .subgroup_info import SubgroupInfo

@@ -63,13 +63,17 @@ class Ledger:
         return dict(self.state.value)
 
 
-def whole_view_shard(min_size: int) -> SubgroupInfo:
+def whole_view_shard(min_size: int, shards: int = 1) -> SubgroupInfo:
+    """One subgroup of the whole view, in ``shards`` shards of consecutive ranks (at least ``min_size`` each)."""
     def allocate(types: Any, prev_view: View | None, curr_view: View) -> dict[Any, list[list[SubView]]]:
         from ..errors import SubgroupProvisioningError
 
-        if len(curr_view.members) < min_size:
-            raise SubgroupProvisioningError(f"the Ledger shard needs {min_size} members")
-        return {Ledger: [[curr_view.make_subview(curr_view.members)]]}
+        m = curr_view.members
+        if len(m) < min_size * shards:
+            raise SubgroupProvisioningError(f"{shards} Ledger shard(s) need {min_size} members each")
+        size = len(m) // shards
+        parts = [m[i * size:(i + 1) * size] if i < shards - 1 else m[i * size:] for i in range(shards)]
+        return {Ledger: [[curr_view.make_subview(part) for part in parts]]}
 
     return SubgroupInfo(allocate)
 
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--file")
     parser.add_argument("--min-shard", type=int, default=2)
+    parser.add_argument("--shards", type=int, default=1)
     args, rest = parser.parse_known_args(argv)
     conf, _ = Conf.parse_args(rest, config_file=args.file)
     # members of one test share a config file; each keeps its logs in its own directory, as separate hosts would
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_view(view: View) -> None:
         emit("view", vid=view.vid, members=list(view.members))
 
-    group = Group([Ledger], whole_view_shard(args.min_shard), factories={Ledger: lambda reg, sg: Ledger(reg)},
+    group = Group([Ledger], whole_view_shard(args.min_shard, args.shards), factories={Ledger: lambda reg, sg: Ledger(reg)},
                   conf=conf, view_upcalls=[on_view], join_timeout=60)
     emit("ready", node=group.get_my_id())
     last = None
