@@ -215,11 +215,14 @@ class PeerProcess:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self._lines.put(json.loads(line))
-            except ValueError:
-                pass
+        try:
+            for line in self.proc.stdout:
+                try:
+                    self._lines.put(json.loads(line))
+                except ValueError:
+                    pass
+        except ValueError:  # the test closed the pipe while this thread was reading: it is done
+            pass
 
     def wait(self, key: str, timeout: float, pred: Callable[[dict], bool] | None = None) -> dict:
         deadline = time.monotonic() + timeout
