@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("derecho.state_transfer")
 
-TRANSFER_TIMEOUT_S = 600.0
+#: a wait (connect, or one frame) longer than this fails the transfer: the peer is gone
+TRANSFER_TIMEOUT_S = 60.0
 
 
 def _address(view: View, node_id: int) -> tuple[str, int]:
