@@ -190,6 +190,11 @@ KEYS: tuple[Key, ...] = (
     _k("DERECHO/p2p_window_size", 16, _at_least(1), "int", "Outstanding P2P requests per peer."),
     _k("DERECHO/cluster_key_file", "", _parse_str, "path",
        "File holding a shared secret; when set, every connection proves knowledge of it (HMAC)."),
+    _k("DERECHO/client_key_file", "", _parse_str, "path",
+       "File holding the shared secret of external clients: when set, a member accepts on external_port "
+       "only clients that prove this key (HMAC), and an external client proves it; a client holding only "
+       "the cluster key is refused. Give clients this file, never cluster_key_file. Empty: external "
+       "clients use cluster_key_file."),
     _k("DERECHO/serializer", "msgpack", _one_of(*SERIALIZERS), "str",
        "How RPC arguments, replies and object state are encoded: msgpack, or pickle for trusted clusters."),
     # SUBGROUP/DEFAULT (and every other profile)

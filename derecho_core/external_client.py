@@ -17,8 +17,10 @@ is the client's id (no member may use it; a member refuses the client with
 ``ID_IN_USE`` otherwise); the first member asked is ``contact`` if given, else
 ``(contact_ip, external_port)`` — the client's own ``external_port`` stands
 for the contact's, which is right when every member uses the same port.
-``cluster_key_file``, ``serializer``, ``max_p2p_request_payload_size`` and
-``p2p_window_size`` must match the group's.
+The key the client proves is ``client_key_file`` when set, else
+``cluster_key_file`` (see ``docs/security.md``): give a client the group's
+client key file, not the members' cluster key. That key, ``serializer``,
+``max_p2p_request_payload_size`` and ``p2p_window_size`` must match the group's.
 
 Failures: when the connection to a member breaks (the member crashed or
 left), that member's unanswered calls fail with
@@ -158,7 +160,7 @@ class _MemberConnection:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _keepalive(sock)
-            codec = FrameCodec(client._key, client_side=True)
+            codec = FrameCodec(client._key, client_side=True, key_name=client._key_name)
             codec.nonce_c = secrets.token_bytes(NONCE_LEN)
             sock.sendall(codec.encode(K_HELLO, [client.my_id, codec.nonce_c]))
             try:
@@ -354,7 +356,7 @@ class ExternalGroupClient:
 
     def __init__(self, types: Sequence[Hashable], conf: Conf | None = None, *,
                  contact: tuple[str, int] | None = None, timeout: float = 10.0) -> None:
-        from .handshake import load_cluster_key
+        from .external_server import load_client_key
 
         self.conf = conf if conf is not None else Conf.load()
         self.types = list(types)
@@ -362,7 +364,7 @@ class ExternalGroupClient:
         self.my_id: int = self.conf.get("DERECHO/local_id")
         self.contact: tuple[str, int] = contact if contact is not None else (
             self.conf.get("DERECHO/contact_ip"), self.conf.get("DERECHO/external_port"))
-        self._key = load_cluster_key(self.conf)
+        self._key, self._key_name = load_client_key(self.conf)
         self._serializer = wire.Serializer(self.conf.get("DERECHO/serializer"))
         self._max_request: int = self.conf.get("DERECHO/max_p2p_request_payload_size")
         self._window: int = self.conf.get("DERECHO/p2p_window_size")

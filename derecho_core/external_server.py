@@ -13,11 +13,21 @@ frame is::
     magic "DEXT" | version u8 | kind u8 | flags u8 | pad u8 | length u32   (little endian)
     payload: a msgpack list, then (flag MAC) a 32-byte HMAC-SHA256
 
-With a cluster key (``[DERECHO] cluster_key_file``; the members' key for now)
-every frame but REFUSE carries an HMAC over a direction label, both
-connection nonces, a per-direction sequence number, the header and the
+With a key every frame but REFUSE carries an HMAC over a direction label,
+both connection nonces, a per-direction sequence number, the header and the
 payload, so frames cannot be forged, reordered, or replayed on another
-connection. A REFUSE is never authenticated: it can only end a handshake.
+connection. A REFUSE is never authenticated: it can only end a handshake. The
+key is the *client key* (``[DERECHO] client_key_file``) when one is set, so
+clients never hold the key that admits members; without one it is the cluster
+key (``cluster_key_file``). A member with a client key refuses a client that
+proves the cluster key instead. See :func:`load_client_key` and
+``docs/security.md``.
+
+The client proves the key first in its HELLO (over its own nonce), then in
+every later frame (over both nonces: the HELLO alone could be a replay). The
+member proves it in its WELCOME, over the client's nonce. A greeted
+connection that sends no authenticated frame within ``hello_timeout`` is
+closed, so a replayed HELLO cannot hold a client id.
 
 ====================  ==========  =================================================
 kind                  direction   payload
@@ -36,8 +46,8 @@ ERROR (11)            S → C       [request id, message]
 ====================  ==========  =================================================
 
 REFUSE codes: ``ID_IN_USE`` (the client id is a member's id, or another
-client with that id is connected to this member), ``AUTH`` (cluster key
-missing, unexpected or wrong), ``VERSION``, ``TOO_MANY_CLIENTS``,
+client with that id is connected to this member), ``AUTH`` (client or cluster
+key missing, unexpected or wrong), ``VERSION``, ``TOO_MANY_CLIENTS``,
 ``PROTOCOL``.
 
 The member runs one selector thread for every client connection: it accepts
@@ -78,6 +88,8 @@ if TYPE_CHECKING:
     from .group import Group
 
 __all__ = [
+    "CLIENT_KEY",
+    "CLUSTER_KEY",
     "ExternalAuthError",
     "ExternalClientCallback",
     "ExternalClientRefusedError",
@@ -85,6 +97,7 @@ __all__ = [
     "ExternalWireError",
     "FrameCodec",
     "PROTOCOL_VERSION",
+    "load_client_key",
 ]
 
 log = logging.getLogger("derecho.external")
@@ -117,6 +130,32 @@ MAX_REFUSE_FRAME = 64 * 1024
 MAX_OUTBUF = 64 << 20
 RECV_CHUNK = 256 * 1024
 
+CLIENT_KEY = "DERECHO/client_key_file"
+CLUSTER_KEY = "DERECHO/cluster_key_file"
+
+
+def load_client_key(conf: Any) -> tuple[bytes | None, str]:
+    """The key external clients prove, and the configuration key that named it.
+
+    ``[DERECHO] client_key_file`` when set (on the members and on the clients), else
+    ``cluster_key_file``; ``(None, CLUSTER_KEY)`` when neither is set. A missing or
+    empty file raises :class:`~derecho_core.transport.AuthenticationError`.
+    """
+    from .handshake import load_cluster_key
+    from .transport import AuthenticationError
+
+    path = conf.get(CLIENT_KEY)
+    if not path:
+        return load_cluster_key(conf), CLUSTER_KEY
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as exc:
+        raise AuthenticationError(f"cannot read client_key_file {path!r}: {exc.strerror or exc}") from None
+    if not key:
+        raise AuthenticationError(f"client_key_file {path!r} is empty")
+    return key, CLIENT_KEY
+
 
 class ExternalWireError(DerechoError, ValueError):
     """A malformed external-client frame (the connection that carried it is closed)."""
@@ -144,8 +183,9 @@ class FrameCodec:
     the server nonce is 32 zero bytes.
     """
 
-    def __init__(self, key: bytes | None, *, client_side: bool) -> None:
+    def __init__(self, key: bytes | None, *, client_side: bool, key_name: str = CLUSTER_KEY) -> None:
         self.key = key
+        self.key_name = key_name  # the configuration key that holds ``key``, for messages
         self.nonce_c = b""
         self.nonce_s = b""
         self._send_label = b"derecho/external/c2s" if client_side else b"derecho/external/s2c"
@@ -183,17 +223,18 @@ class FrameCodec:
 
     def verify(self, header: bytes, data: bytes, mac: bytes | None) -> None:
         """Check the next incoming frame's MAC (raises :class:`ExternalAuthError`)."""
+        what = "client" if self.key_name == CLIENT_KEY else "cluster"
         if self.key is None:
             if mac is not None:
-                raise ExternalAuthError("the peer authenticates its frames with a cluster key, but this end has "
-                                        "none: set the same DERECHO/cluster_key_file on the group and the client, "
-                                        "or on neither")
+                raise ExternalAuthError("the peer authenticates its frames with a key, but this end has none: set "
+                                        "the same DERECHO/client_key_file (or cluster_key_file) on the group and "
+                                        "the client, or on neither")
             return
         if mac is None:
-            raise ExternalAuthError("this end requires the cluster key but the peer's frames carry no MAC: set "
-                                    "DERECHO/cluster_key_file to the group's key file")
+            raise ExternalAuthError(f"this end requires the {what} key but the peer's frames carry no MAC: set "
+                                    f"{self.key_name} to the group's {what} key file")
         if not hmac.compare_digest(mac, self._mac(self._recv_label, self._recv_seq, header, data)):
-            raise ExternalAuthError("a frame failed the cluster-key check (wrong key, or a forged or replayed "
+            raise ExternalAuthError(f"a frame failed the {what}-key check (wrong key, or a forged or replayed "
                                     "frame)")
         self._recv_seq += 1
 
@@ -264,10 +305,10 @@ class _Garbage(Exception):
 class _Conn:
     """One client connection. The selector thread owns the read side; writes take ``lock``."""
 
-    def __init__(self, sock: socket.socket, peer: tuple[str, int], key: bytes | None) -> None:
+    def __init__(self, sock: socket.socket, peer: tuple[str, int], key: bytes | None, key_name: str) -> None:
         self.sock = sock
         self.peer = peer
-        self.codec = FrameCodec(key, client_side=False)
+        self.codec = FrameCodec(key, client_side=False, key_name=key_name)
         self.lock = threading.Lock()
         self.inbuf = bytearray()
         self.outbuf = bytearray()
@@ -278,6 +319,7 @@ class _Conn:
         self.closed = False
         self.paused = False        # p2p window full: stop reading until replies go out
         self.outstanding = 0       # p2p requests posted, not yet answered
+        self.proven = False        # sent an authenticated frame after WELCOME (a HELLO alone may be a replay)
         self.failure: str | None = None  # a writer thread's error, for the selector thread to act on
         self.failure_level = logging.INFO
 
@@ -295,16 +337,20 @@ class ExternalServer:
 
     ``ExternalServer(group, host, port, key=None, max_clients=1024)`` binds at
     once (``port`` 0 picks a free one: :attr:`port`) and starts its selector
-    thread. :meth:`for_group` builds it from the group's configuration.
+    thread. :meth:`for_group` builds it from the group's configuration
+    (``key`` is then the client key, or the cluster key: :func:`load_client_key`;
+    ``key_name`` names the configuration key that held it, for messages).
     """
 
     def __init__(self, group: Group, host: str, port: int, key: bytes | None = None, *,
-                 max_clients: int = MAX_CLIENTS, hello_timeout: float = HELLO_TIMEOUT) -> None:
+                 max_clients: int = MAX_CLIENTS, hello_timeout: float = HELLO_TIMEOUT,
+                 key_name: str = CLUSTER_KEY) -> None:
         self.group = group
         conf = group.conf
         self.node_id: int = conf.get("DERECHO/local_id")
         self.host = host
         self.key = key
+        self.key_name = key_name
         self.max_clients = max_clients
         self.hello_timeout = hello_timeout
         self._max_request: int = conf.get("DERECHO/max_p2p_request_payload_size")
@@ -343,12 +389,11 @@ class ExternalServer:
 
     @classmethod
     def for_group(cls, group: Group, **kwargs: Any) -> ExternalServer:
-        """The server of ``group``'s node: ``[DERECHO] local_ip``, ``external_port`` and the cluster key."""
-        from .handshake import load_cluster_key
-
+        """The server of ``group``'s node: ``[DERECHO] local_ip``, ``external_port``, the client (or cluster) key."""
         conf = group.conf
-        return cls(group, conf.get("DERECHO/local_ip"), conf.get("DERECHO/external_port"), load_cluster_key(conf),
-                   **kwargs)
+        key, key_name = load_client_key(conf)
+        return cls(group, conf.get("DERECHO/local_ip"), conf.get("DERECHO/external_port"), key,
+                   key_name=key_name, **kwargs)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -505,7 +550,7 @@ class ExternalServer:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, (str(peer[0]), int(peer[1])), self.key)
+            conn = _Conn(sock, (str(peer[0]), int(peer[1])), self.key, self.key_name)
             self._conns.add(conn)
             if len(self._conns) > self.max_clients:
                 self._refuse(conn, REFUSE_TOO_MANY, f"node {self.node_id} already serves {self.max_clients} "
@@ -570,6 +615,7 @@ class ExternalServer:
                     self._hello(conn, kind, header, data, mac)
                 else:
                     conn.codec.verify(header, data, mac)
+                    conn.proven = True
                     self._request(conn, kind, data)
             except ExternalWireError as exc:
                 raise _Garbage(str(exc)) from None
@@ -583,16 +629,7 @@ class ExternalServer:
         try:
             conn.codec.verify(header, data, mac)
         except ExternalAuthError:
-            if self.key is not None and mac is None:
-                why = (f"node {self.node_id} requires the cluster key, but the client's frames carry no MAC: set "
-                       "the client's DERECHO/cluster_key_file to the group's key file")
-            elif self.key is None:
-                why = (f"node {self.node_id} has no cluster key, but the client authenticates its frames: set "
-                       "DERECHO/cluster_key_file on both the group and the client, or on neither")
-            else:
-                why = (f"client {client_id}'s HELLO failed the cluster-key check of node {self.node_id}: its "
-                       "DERECHO/cluster_key_file holds another key than the group's")
-            self._refuse(conn, REFUSE_AUTH, why)
+            self._refuse(conn, REFUSE_AUTH, self._auth_failure(client_id, mac is not None))
             return
         view = self.group._engine.view
         if view is not None and client_id in view.members:
@@ -615,6 +652,27 @@ class ExternalServer:
         conn.codec.nonce_s = secrets.token_bytes(NONCE_LEN)
         self._send(conn, K_WELCOME, [self.node_id, conn.codec.nonce_s, view.vid if view is not None else -1])
         log.info("external port of node %d: %s connected", self.node_id, conn.name())
+
+    def _auth_failure(self, client_id: int, has_mac: bool) -> str:
+        """Why client ``client_id``'s HELLO failed the key check (for the REFUSE and the WARNING)."""
+        if self.key is None:
+            return (f"node {self.node_id} has no client or cluster key, but client {client_id} authenticates its "
+                    "frames: set the same DERECHO/client_key_file (or cluster_key_file) on the group and the "
+                    "client, or on neither")
+        if self.key_name == CLIENT_KEY:
+            if not has_mac:
+                return (f"bad or missing client key: node {self.node_id} requires the client key, but client "
+                        f"{client_id}'s frames carry no MAC: set the client's DERECHO/client_key_file to the "
+                        "group's client key file")
+            return (f"bad or missing client key: client {client_id}'s HELLO failed the client-key check of node "
+                    f"{self.node_id}: its key is not the group's client key (DERECHO/client_key_file; a client "
+                    "holding the cluster key instead is refused too)")
+        if not has_mac:
+            return (f"bad or missing cluster key: node {self.node_id} requires the cluster key, but client "
+                    f"{client_id}'s frames carry no MAC: set the client's DERECHO/cluster_key_file to the group's "
+                    "key file (or give the group and its clients a DERECHO/client_key_file)")
+        return (f"bad or missing cluster key: client {client_id}'s HELLO failed the cluster-key check of node "
+                f"{self.node_id}: its DERECHO/cluster_key_file holds another key than the group's")
 
     def _request(self, conn: _Conn, kind: int, data: bytes) -> None:
         if kind == K_P2P_REQUEST:
@@ -785,6 +843,11 @@ class ExternalServer:
                 if not conn.closing:
                     log.warning("external port of node %d: %s sent no HELLO within %.0f s; closed", self.node_id,
                                 conn.name(), self.hello_timeout)
+                self._drop(conn, None)
+            elif self.key is not None and not conn.proven and now - conn.opened > self.hello_timeout:
+                # its HELLO proved the key over its own nonce only: without a frame over ours it may be a replay
+                log.warning("external port of node %d: refused %s: no authenticated frame within %.0f s of its "
+                            "HELLO (a replayed HELLO?); closed", self.node_id, conn.name(), self.hello_timeout)
                 self._drop(conn, None)
         view = self.group._engine.view
         if view is None or view.vid == self._last_vid:

@@ -4,7 +4,11 @@ Joiners are not members yet, so they have no transport connection: like
 Derecho's ``gms_listener``, a node accepts join requests (and sends redirects,
 refusals and welcomes) over plain TCP, one length-prefixed frame per
 connection. With a cluster key every frame carries an HMAC-SHA256 of its
-payload, so a process without the key cannot ask to join.
+payload, so a process without the key cannot ask to join: its frame is
+dropped with one WARNING naming its address ("GMS port: refused a join from
+127.0.0.1:40312 (claims node id 5): bad or missing cluster key (...)"). The
+MAC covers the payload only (one frame per connection, no challenge), so a
+frame recorded on the network could be sent again; see docs/security.md.
 
 One background thread accepts and reads; another sends (connect, write,
 close), so neither ever blocks the engine.
@@ -111,7 +115,9 @@ class GmsChannel:
             data, mac = body[:-MAC_LEN], body[-MAC_LEN:]
             if len(body) < MAC_LEN or not hmac.compare_digest(
                     mac, hmac.new(self.key, data, hashlib.sha256).digest()):
-                log.warning("GMS port: message from %s:%d failed the cluster-key check; dropped", *peer)
+                what, claim, why = _describe_unauthenticated(body)
+                log.warning("GMS port: refused %s from %s:%d%s: bad or missing cluster key (%s)", what, peer[0],
+                            peer[1], claim, why)
                 return
         else:
             data = body
@@ -126,6 +132,29 @@ class GmsChannel:
         self._listener.close()
         for t in self._threads:
             t.join(timeout=2)
+
+
+def _describe_unauthenticated(body: bytes) -> tuple[str, str, str]:
+    """For the log only: what a frame that failed the key check claims to be, and whether it had a MAC.
+
+    Nothing in it is trusted or acted on: it only names the refused request
+    ("a join", " (claims node id 5)") and tells a missing key from a wrong one.
+    """
+    import msgpack
+
+    for data, why in ((body, "the message carries no MAC: is DERECHO/cluster_key_file set on the sender?"),
+                      (body[:-MAC_LEN], "its MAC does not match: the sender's cluster_key_file holds another key")):
+        try:
+            msg = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        except Exception:  # not that layout: try the other
+            continue
+        if isinstance(msg, list) and msg and isinstance(msg[0], str):
+            kind = msg[0]
+            if kind == "join":
+                who = msg[1] if len(msg) > 1 and isinstance(msg[1], int) and not isinstance(msg[1], bool) else "?"
+                return "a join", f" (claims node id {who})", why
+            return f"a GMS message ({kind[:20]!r})", "", why
+    return "a GMS message", "", "not a membership message"
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
