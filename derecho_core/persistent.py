@@ -40,6 +40,7 @@ import enum
 import types
 import importlib
 import pickle
+import threading
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, NamedTuple, TypeVar
 
 import msgpack
@@ -66,6 +67,8 @@ TAG_PICKLE = b"P"
 TAG_DELTA = b"D"
 
 _EXT_OBJECT, _EXT_TUPLE, _EXT_SET, _EXT_FROZENSET, _EXT_ENUM, _EXT_BIGINT = 1, 2, 3, 4, 5, 6
+MAX_EXT_DEPTH = 64  # ext values (tuples, sets, objects...) nested deeper than this are refused on decode
+_ext_depth = threading.local()
 
 # things with no state worth sending: encoding them would only fail later, on the receiver
 _STATELESS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, type,
@@ -131,7 +134,16 @@ def _packb(value: Any) -> bytes:
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_BIGINT:
         return int(bytes(data).decode("ascii"))
-    inner = _unpackb(data)
+    # every nested ext value is a nested msgpack.unpackb, ~36 KB of C stack each: a peer's few hundred
+    # bytes of nesting would overflow the thread's stack (a segfault), so the nesting is bounded
+    depth = getattr(_ext_depth, "n", 0)
+    if depth >= MAX_EXT_DEPTH:
+        raise ValueError(f"values nested more than {MAX_EXT_DEPTH} ext levels deep")
+    _ext_depth.n = depth + 1
+    try:
+        inner = _unpackb(data)
+    finally:
+        _ext_depth.n = depth
     if code == _EXT_TUPLE:
         return tuple(inner)
     if code == _EXT_SET:
@@ -139,7 +151,10 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_FROZENSET:
         return frozenset(inner)
     if code == _EXT_ENUM:
-        return _import_type(inner[0])(inner[1])
+        cls = _import_type(inner[0])
+        if not issubclass(cls, enum.Enum):  # calling any other class with a peer's argument runs code
+            raise UndecodableValue(f"stored type {inner[0]!r} is not an enum")
+        return cls(inner[1])
     if code == _EXT_OBJECT:
         cls = _import_type(inner[0])
         obj = cls.__new__(cls)  # type: ignore[call-overload]  # no __init__: the state comes next
