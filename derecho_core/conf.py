@@ -95,6 +95,8 @@ def _parse_json(raw: str) -> Any:
         json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
     return raw
 
 
@@ -617,14 +619,17 @@ class Conf:
             assert path is not None
             try:
                 text = path.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"cannot read layout file {str(path)!r}: {exc.strerror}",
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read layout file {str(path)!r}: {getattr(exc, 'strerror', None) or exc}",
                                   source=jf.source, key="LAYOUT/json_layout_file") from None
             try:
                 json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"layout file {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno} "
                                   f"column {exc.colno})", source=jf.source, key="LAYOUT/json_layout_file") from None
+            except RecursionError:
+                raise ConfigError(f"layout file {str(path)!r} is not valid JSON (nested too deeply)",
+                                  source=jf.source, key="LAYOUT/json_layout_file") from None
 
     # ------------------------------------------------------------ reading
     def get(self, key: str, default: Any = ...) -> Any:

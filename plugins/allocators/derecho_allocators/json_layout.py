@@ -53,7 +53,7 @@ class _Parser:
         return value
 
     def size(self, value: Any, path: str) -> int:
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and _digits(value.strip()):
             return int(value.strip())
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
@@ -67,7 +67,7 @@ class _Parser:
             text = value.strip()
             sender = text.startswith("*")
             digits = text[1:].strip() if sender else text
-            if digits.isdigit():
+            if _digits(digits):
                 return int(digits), sender
         raise self.fail(path, f"expected a node id such as \"3\", or \"*3\" for a designated sender, "
                               f"got {json.dumps(value)}")
@@ -167,6 +167,11 @@ class _Parser:
         return policies, aliases
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits int() takes: str.isdigit() also accepts '²' (int() refuses it), and int() refuses 4300+ digits."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number")
@@ -182,6 +187,8 @@ def parse_json_layout(layout: str | list[Any], *, source: str | None = None
         except json.JSONDecodeError as exc:
             raise parser.fail("layout", f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") \
                 from None
+        except RecursionError:
+            raise parser.fail("layout", "not valid JSON (nested too deeply)") from None
     else:
         doc = layout
     return parser.layout(doc)
