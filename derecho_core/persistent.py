@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import sys
 import types
 import importlib
 import pickle
@@ -88,8 +89,21 @@ def type_name(cls: type) -> str:
 
 def _import_type(name: str) -> type:
     module_name, _, qual = name.partition(":")
+    untrusted = getattr(_ext_depth, "untrusted", False)
     try:
-        obj: Any = importlib.import_module(module_name)
+        if untrusted:
+            # bytes from a peer name this type: never import a module for them (importing runs code), and
+            # never rebuild the standard library's classes (locks, processes, files, partials: not data)
+            top = module_name.partition(".")[0]
+            if top in sys.stdlib_module_names or top == "builtins":
+                raise UndecodableValue(f"a peer sent a value of type {name!r}: standard-library classes "
+                                       "are not accepted from the network; send plain data")
+            obj: Any = sys.modules.get(module_name)
+            if obj is None:
+                raise UndecodableValue(f"a peer sent a value of type {name!r}, whose module is not imported "
+                                       "here; import it before the group starts (the network never imports)")
+        else:
+            obj = importlib.import_module(module_name)
         for part in qual.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
@@ -182,11 +196,21 @@ def encode_value(value: Any, serializer: str = "msgpack") -> bytes:
     return TAG_MSGPACK + _packb(value)
 
 
-def decode_value(data: bytes, *, allow_pickle: bool = True) -> Any:
-    """The value of a payload made by :func:`encode_value` (raises :class:`UndecodableValue`)."""
+def decode_value(data: bytes, *, allow_pickle: bool = True, untrusted: bool = False) -> Any:
+    """The value of a payload made by :func:`encode_value` (raises :class:`UndecodableValue`).
+
+    ``untrusted`` (bytes from the network): a type named in the data is only
+    looked up among modules already imported, and never in the standard library.
+    """
     tag, body = data[:1], memoryview(data)[1:]
     try:
         if tag == TAG_MSGPACK:
+            if untrusted:
+                _ext_depth.untrusted = True
+                try:
+                    return _unpackb(body)
+                finally:
+                    _ext_depth.untrusted = False
             return _unpackb(body)
         if tag == TAG_PICKLE:
             if not allow_pickle:

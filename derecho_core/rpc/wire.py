@@ -56,7 +56,7 @@ class Serializer:
 
     def loads(self, data: bytes | memoryview) -> Any:
         try:
-            return decode_value(bytes(data), allow_pickle=self.kind == "pickle")
+            return decode_value(bytes(data), allow_pickle=self.kind == "pickle", untrusted=True)
         except UndecodableValue as exc:
             raise RpcWireError(f"cannot decode an RPC value: {exc}") from None
 

@@ -186,3 +186,29 @@ def test_integers_beyond_64_bits_survive_and_stateless_objects_are_refused() -> 
     for bad in (len, Store, print, (x for x in ())):
         with pytest.raises(wire.SerializationError):
             s.dumps(bad)
+
+
+class Point:
+    def __init__(self, x: int = 0, y: int = 0) -> None:
+        self.x, self.y = x, y
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
+
+
+def test_values_from_peers_never_import_modules_or_rebuild_standard_library_classes() -> None:
+    import collections
+    import sys
+
+    from derecho_core.persistent import _EXT_OBJECT, _packb
+
+    s = wire.Serializer()
+    assert s.loads(s.dumps([Point(1, 2)])) == [Point(1, 2)]  # an imported application class is fine
+    forged = [b"M" + _packb(msgpack.ExtType(_EXT_OBJECT, _packb(["subprocess:Popen", {"pid": 1}]))),
+              b"M" + _packb(msgpack.ExtType(_EXT_OBJECT, _packb(["functools:partial", None]))),
+              b"M" + _packb(msgpack.ExtType(_EXT_OBJECT, _packb(["some_module_not_imported:X", {}])))]
+    for blob in forged:
+        with pytest.raises(wire.RpcWireError):
+            s.loads(blob)
+    assert "some_module_not_imported" not in sys.modules
+    assert collections  # the standard library's classes are refused even when imported
