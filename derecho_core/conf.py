@@ -97,6 +97,8 @@ def _parse_json(raw: str) -> Any:
         raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
         raise ValueError("not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # e.g. a number of 4300+ digits
+        raise ValueError(f"not valid JSON ({exc})") from None
     return raw
 
 
@@ -627,8 +629,8 @@ class Conf:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"layout file {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno} "
                                   f"column {exc.colno})", source=jf.source, key="LAYOUT/json_layout_file") from None
-            except RecursionError:
-                raise ConfigError(f"layout file {str(path)!r} is not valid JSON (nested too deeply)",
+            except (RecursionError, ValueError) as exc:  # nested too deeply, a number of 4300+ digits
+                raise ConfigError(f"layout file {str(path)!r} is not valid JSON ({exc or 'nested too deeply'})",
                                   source=jf.source, key="LAYOUT/json_layout_file") from None
 
     # ------------------------------------------------------------ reading

@@ -189,6 +189,8 @@ def parse_json_layout(layout: str | list[Any], *, source: str | None = None
                 from None
         except RecursionError:
             raise parser.fail("layout", "not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # e.g. a number of 4300+ digits
+            raise parser.fail("layout", f"not valid JSON ({exc})") from None
     else:
         doc = layout
     return parser.layout(doc)
