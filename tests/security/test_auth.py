@@ -209,8 +209,8 @@ def test_transport_handshake_without_the_key_is_refused(group: KeyedGroup) -> No
     assert closed and [r.kind_name for r in records] == ["REFUSE"]
     code, _, reason = hs.parse_refuse(records[0])
     assert code == hs.REFUSE_AUTH and "no cluster key" in reason
-    wait_log(group.member(1), rf"node 1: handshake with (node {OUTSIDER}|unknown peer) \({re.escape(me)}\) failed, connection "
-                              rf"closed: node {OUTSIDER} has no cluster key; this node requires one")
+    wait_log(group.member(1), rf"node 1: handshake with (node {OUTSIDER}|unknown peer) \({re.escape(me)}\) failed, "
+                              rf"connection closed: node {OUTSIDER} has no cluster key; this node requires one")
 
 
 @pytest.mark.timeout(120)
@@ -228,8 +228,8 @@ def test_transport_handshake_with_a_wrong_key_is_refused(group: KeyedGroup) -> N
         sock.sendall(hs.encode_confirm(bytes(hs.MAC_LEN)) + forged_frames("wrong-key"))
         records, closed = read_records(sock)
     assert closed and [r.kind_name for r in records] == ["REFUSE"]
-    wait_log(group.member(1), rf"node 1: handshake with (node {OUTSIDER}|unknown peer) \({re.escape(me)}\) failed, connection "
-                              rf"closed: node {OUTSIDER} failed the cluster-key challenge \(different key\)")
+    wait_log(group.member(1), rf"node 1: handshake with (node {OUTSIDER}|unknown peer) \({re.escape(me)}\) failed, "
+                              rf"connection closed: node {OUTSIDER} failed the cluster-key challenge \(different key\)")
 
 
 @pytest.mark.timeout(120)
@@ -244,8 +244,8 @@ def test_transport_frames_instead_of_the_challenge_are_refused(group: KeyedGroup
         sock.sendall(forged_frames("no-confirm"))
         records, closed = read_records(sock)
     assert closed
-    wait_log(group.member(2), rf"node 2: handshake with (node {OUTSIDER}|unknown peer) \({re.escape(me)}\) failed, connection "
-                              r"closed: not a derecho handshake \(bad magic")
+    wait_log(group.member(2), rf"node 2: handshake with (node {OUTSIDER}|unknown peer) \({re.escape(me)}\) failed, "
+                              r"connection closed: not a derecho handshake \(bad magic")
 
 
 @pytest.mark.timeout(120)
