@@ -621,7 +621,7 @@ class Conf:
             assert path is not None
             try:
                 text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
+            except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL byte in the path
                 raise ConfigError(f"cannot read layout file {str(path)!r}: {getattr(exc, 'strerror', None) or exc}",
                                   source=jf.source, key="LAYOUT/json_layout_file") from None
             try:
