@@ -29,7 +29,7 @@ from .handshake import load_cluster_key
 from .protocol import events as ev
 from .protocol.membership import Membership
 from .protocol.multicast import Delivery, ShardParams
-from .protocol.node import Deliver, NodeProtocol, SendRejected, SendRequest
+from .protocol.node import Applied, Deliver, NodeProtocol, SendRejected, SendRequest
 from .protocol.progress import LocalProgress, ShardProgress
 from .protocol.restart import RestartInfo
 from .transport import MessageReceived, NotConnectedError, PeerConnected, PeerFailed, Transport
@@ -95,7 +95,8 @@ class Engine:
             restart_leaders=self.restart_leaders(conf),
             backup_restart_leaders=conf.get("DERECHO/enable_backup_restart_leaders"))
         self.restart = restart
-        self.node = NodeProtocol(self.membership, self._shard_params)
+        # with a listener, deliveries are finished on its thread, which reports back (report_applied)
+        self.node = NodeProtocol(self.membership, self._shard_params, track_applied=listener is not None)
         if transport is None:
             factory = plugins.transport(conf.get("RDMA/provider"))
             transport = factory(conf, self.node_id, (ip, self.address.sst_port))
@@ -198,6 +199,11 @@ class Engine:
     def send_p2p(self, node_id: int, data: bytes) -> None:
         """Send one point-to-point message (an RPC request or a reply batch) to a member."""
         self.submit("p2p", (node_id, data))
+
+    def report_applied(self, done: list[tuple[int, int, int]]) -> None:
+        """The listener finished deliveries: ``(vid, subgroup id, last seq)`` each (reopens the windows)."""
+        for vid, sg, seq in done:
+            self.submit("send", Applied(vid, sg, seq))
 
     def report_progress(self, subgroup_id: int, persisted: int, frontier_us: int) -> None:
         """Publish this node's persisted version and stability frontier of a subgroup to its shard."""

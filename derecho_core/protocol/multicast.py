@@ -142,6 +142,12 @@ class ShardMulticast:
         self.partials: dict[tuple[int, int], _Partial] = {}
         self.seq_num = -1
         self.delivered_num = -1
+        # Sequence numbers of deliveries handed to the application that it has not finished yet (only
+        # when the engine reports progress, ``track_applied``). STATUS reports delivery up to the one
+        # before the oldest of them, so a slow handler or disk closes the senders' windows instead of
+        # letting delivered messages pile up in memory.
+        self.track_applied = False
+        self.unapplied: deque[int] = deque()
         self.raw_delivered = [-1] * self.n_s
         # what the other members told us (SST rows)
         self.status: dict[int, tuple[int, int, list[int]]] = {}
@@ -201,7 +207,7 @@ class ShardMulticast:
             return True
         for m in self.live_members():
             if m == self.my_id:
-                delivered, num_received = self.delivered_num, self.num_received
+                delivered, num_received = self.reported_delivered(), self.num_received
             else:
                 st = self.status.get(m)
                 if st is None:
@@ -420,6 +426,8 @@ class ShardMulticast:
             ts, cooked, payload = entry
             self.deliveries.append(Delivery(self.vid, self.sg, self.shard, self.senders[rank], index, seq,
                                             make_version(self.vid, seq), ts, cooked, payload))
+            if self.track_applied:
+                self.unapplied.append(seq)
 
     def _deliver_raw(self, rank: int, index: int) -> None:
         entry = self.received[rank].pop(index, None)
@@ -430,12 +438,25 @@ class ShardMulticast:
             self.deliveries.append(Delivery(self.vid, self.sg, self.shard, self.senders[rank], index, -1,
                                             INVALID_VERSION, ts, cooked, payload))
 
+    # ------------------------------------------------------------------ application progress
+    def reported_delivered(self) -> int:
+        """What STATUS says this node delivered: up to the application's progress when it is tracked."""
+        return self.unapplied[0] - 1 if self.unapplied else self.delivered_num
+
+    def applied(self, seq: int) -> None:
+        """The application finished every delivery of this shard up to ``seq``."""
+        before = self.reported_delivered()
+        while self.unapplied and self.unapplied[0] <= seq:
+            self.unapplied.popleft()
+        if self.reported_delivered() != before:
+            self._status_dirty = True
+
     # ------------------------------------------------------------------ status push
     def flush(self) -> None:
         self._flush_data()
         if self._status_dirty:
             self._status_dirty = False
-            self._send_all(self._encode(STATUS, self.seq_num, self.delivered_num, self.num_received,
+            self._send_all(self._encode(STATUS, self.seq_num, self.reported_delivered(), self.num_received,
                                         self.wedged))
 
     # ------------------------------------------------------------------ view change

@@ -55,6 +55,15 @@ class Deliver:
 
 
 @dataclass(frozen=True, slots=True)
+class Applied:
+    """The application finished the deliveries of subgroup ``subgroup_id`` in view ``vid`` up to ``seq``."""
+
+    vid: int
+    subgroup_id: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class SendRejected:
     tag: Any
     error: Exception
@@ -63,7 +72,10 @@ class SendRejected:
 class NodeProtocol:
     """Membership and multicast of one node. ``params_for(profile)`` gives a profile's :class:`ShardParams`."""
 
-    def __init__(self, membership: Membership, params_for: Callable[[str], ShardParams] | None = None) -> None:
+    def __init__(self, membership: Membership, params_for: Callable[[str], ShardParams] | None = None, *,
+                 track_applied: bool = False) -> None:
+        #: the application reports finished deliveries (:class:`Applied`): windows wait for it
+        self.track_applied = track_applied
         self.membership = membership
         self.params_for = params_for or (lambda profile: ShardParams())
         self.multicast: ViewMulticast | None = None
@@ -87,7 +99,7 @@ class NodeProtocol:
         return self.membership.next_deadline()
 
     def handle(self, event: Event | SendRequest, now: float) -> list[Action]:
-        if isinstance(event, (SendRequest, LocalProgress)) or (
+        if isinstance(event, (SendRequest, LocalProgress, Applied)) or (
                 isinstance(event, Received) and bytes(event.data[:1]) == CH_PROGRESS):
             return self.handle_many([event], now)
         if isinstance(event, Received):
@@ -117,6 +129,11 @@ class NodeProtocol:
         for event in events:
             if isinstance(event, SendRequest):
                 self._submit(event)
+            elif isinstance(event, Applied):
+                mc = self.multicast
+                shard = mc.shards.get(event.subgroup_id) if mc is not None and mc.vid == event.vid else None
+                if shard is not None:
+                    shard.applied(event.seq)
             elif isinstance(event, LocalProgress):
                 sends, changed = self.progress.local(event)
                 self._out.extend(Send(node, CH_PROGRESS + data) for node, data in sends)
@@ -239,6 +256,8 @@ class NodeProtocol:
             if view.subgroup_shard_views else None
         mc = self.multicast
         if mc is not None:
+            for shard in mc.shards.values():
+                shard.track_applied = self.track_applied
             for sg, pending in resend.items():
                 shard = mc.shards.get(sg)
                 if shard is not None and shard.my_sender_rank >= 0:

@@ -431,6 +431,18 @@ class RpcManager:
                 log.exception("closing the logs of subgroup %d failed", holder.subgroup_id)
 
     def on_deliveries(self, deliveries: list[Delivery]) -> None:
+        try:
+            self._deliver(deliveries)
+        finally:
+            # the engine holds the senders' windows until here: a slow handler or disk pushes back
+            last: dict[tuple[int, int], int] = {}
+            for d in deliveries:
+                if d.seq >= 0:
+                    last[(d.vid, d.subgroup_id)] = d.seq
+            if last:
+                self.group._engine.report_applied([(vid, sg, seq) for (vid, sg), seq in last.items()])
+
+    def _deliver(self, deliveries: list[Delivery]) -> None:
         stability_cb = self.group._user_callback("global_stability_callback")
         for d in deliveries:
             holder = self.objects.get(d.subgroup_id)
