@@ -608,28 +608,21 @@ class SocketsTransport(Transport):
 
     def _accept_hello(self, conn: _Conn, h: Hello) -> tuple[int, str] | None:
         """Duplicate-connection rules, decided by the acceptor on a HELLO (see docs/transports.md)."""
+        # A HELLO is not authenticated yet (the key is proven by the CONFIRM that follows): it may refuse
+        # this connection, but what it would replace (a member's connection, an accept in progress, our
+        # own dial) is only given up in _established, once this connection has proven the key. Otherwise
+        # one HELLO from a process without the key could evict a member.
         peer = h.node_id
         conn.node_id = peer
         old = self._peers.get(peer)
-        if old is not None:
-            if old.incarnation != h.incarnation:
-                self._fail(old, "peer restarted (new incarnation connected)")
-            else:
-                return REFUSE_DUPLICATE, f"node {self.node_id} already has a connection with node {peer}"
+        if old is not None and old.incarnation == h.incarnation:
+            return REFUSE_DUPLICATE, f"node {self.node_id} already has a connection with node {peer}"
         other = self._accepting.get(peer)
-        if other is not None and other is not conn:
-            if other.incarnation != h.incarnation:
-                self._drop(other)
-            else:
-                return REFUSE_DUPLICATE, f"node {self.node_id} is already accepting node {peer}"
+        if other is not None and other is not conn and other.incarnation == h.incarnation:
+            return REFUSE_DUPLICATE, f"node {self.node_id} is already accepting node {peer}"
         dial = self._dials.get(peer)
-        if dial is not None:
-            if peer < self.node_id:  # the smaller id's connection wins
-                self._dials.pop(peer)
-                if dial.conn is not None:
-                    self._drop(dial.conn)
-            else:
-                return REFUSE_DUPLICATE, f"simultaneous connect: node {self.node_id}'s own connection wins"
+        if dial is not None and peer > self.node_id:  # the smaller id's connection wins
+            return REFUSE_DUPLICATE, f"simultaneous connect: node {self.node_id}'s own connection wins"
         conn.incarnation = h.incarnation
         self._accepting[peer] = conn
         return None
@@ -700,9 +693,16 @@ class SocketsTransport(Transport):
             del self._accepting[peer]
         if conn.initiator:
             self._dials.pop(peer, None)
+        else:
+            # an authenticated accepted connection wins over our own dial to the same (smaller-id) peer
+            dial = self._dials.pop(peer, None)
+            if dial is not None and dial.conn is not None and dial.conn is not conn:
+                self._drop(dial.conn)
         old = self._peers.get(peer)
         if old is not None and old is not conn:
-            self._fail(old, "replaced by a new connection")
+            reason = ("peer restarted (new incarnation connected)" if old.incarnation != h.incarnation
+                      else "replaced by a new connection")
+            self._fail(old, reason)
         conn.state = "open"
         try:  # bounds the blocking sendmsg of _flush_bulk; no effect while the socket is non-blocking
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, BULK_SLICE_US))

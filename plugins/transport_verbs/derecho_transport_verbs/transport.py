@@ -75,6 +75,8 @@ from derecho_core.transport import (
 
 from . import fabric as fab
 
+#: libfabric messages kept for a connection whose handshake has not completed
+MAX_PENDING_RX = 4096
 log = logging.getLogger("derecho.transport.verbs")
 
 #: message header: sender node id, receiver's epoch, kind, aux (sequence of a large message), length
@@ -411,19 +413,17 @@ class VerbsTransport(Transport):
         if prov != self.provider:
             return hs.REFUSE_OTHER, (f"node {self.node_id} uses libfabric provider {self.provider!r}, "
                                      f"node {h.node_id} uses {prov!r}")
+        # The HELLO is not authenticated yet (the CONFIRM proves the key): it may refuse this connection,
+        # but what it would replace is only given up once this connection is established (_publish_peer).
+        # Otherwise one HELLO from a process without the key could evict a member.
         old = self._peers.get(h.node_id)
         if old is not None and old is not c:
-            if old.incarnation != h.incarnation and old.state == "established":
-                self._fail_conn(old, "peer restarted (new incarnation)", clean=False)
-            else:
+            if not (old.incarnation != h.incarnation and old.state == "established"):
                 return hs.REFUSE_DUPLICATE, f"node {self.node_id} already has a connection with node {h.node_id}"
         out = self._connecting.get(h.node_id)
-        if out is not None:
-            if self.node_id < h.node_id:
-                return hs.REFUSE_DUPLICATE, (f"simultaneous connect: the connection opened by node "
-                                             f"{self.node_id} (the smaller id) wins")
-            self._drop_conn(out)  # ours loses
-            self._retry_connect.pop(h.node_id, None)
+        if out is not None and self.node_id < h.node_id:
+            return hs.REFUSE_DUPLICATE, (f"simultaneous connect: the connection opened by node "
+                                         f"{self.node_id} (the smaller id) wins")
         return None
 
     def _on_listen(self) -> None:
@@ -565,6 +565,8 @@ class VerbsTransport(Transport):
             if c.role == "initiator":
                 self._connecting.pop(c.node_id, None)
                 self._retry_connect.pop(c.node_id, None)
+            else:
+                self._publish_peer(c)
             c.state = "established"
             c.last_progress = time.monotonic()
             self._events.append(PeerConnected(c.node_id, c.peer_address, c.incarnation))
@@ -583,8 +585,21 @@ class VerbsTransport(Transport):
         c.peer_epoch = epoch
         c.peer_eager = eager
         c.fi_addr = self.ep.insert(name) if name else -1
-        self._peers[h.node_id] = c
-        self._by_epoch[c.epoch] = c
+        self._by_epoch[c.epoch] = c  # libfabric messages that beat the CONFIRM wait in pending_rx
+        if c.role == "initiator":
+            self._peers[h.node_id] = c
+
+    def _publish_peer(self, c: _Conn) -> None:
+        """An accepted connection proved the key: it becomes the peer's, replacing an older one."""
+        assert c.node_id is not None
+        old = self._peers.get(c.node_id)
+        if old is not None and old is not c:
+            self._fail_conn(old, "peer restarted (new incarnation)", clean=False)
+        out = self._connecting.get(c.node_id)
+        if out is not None and out is not c:
+            self._drop_conn(out)  # the smaller id's connection wins: ours loses
+            self._retry_connect.pop(c.node_id, None)
+        self._peers[c.node_id] = c
 
     def _send_oob(self, c: _Conn, data: bytes) -> None:
         if not data:
@@ -945,6 +960,11 @@ class VerbsTransport(Transport):
                             "connection or malformed frame", src)
                 return
             if c.state != "established":
+                if len(c.pending_rx) >= MAX_PENDING_RX:  # a peer that never confirms cannot grow this
+                    log.warning("dropping the connection of node %d: %d libfabric messages before its "
+                                "handshake completed", src, MAX_PENDING_RX)
+                    self._drop_conn(c)
+                    return
                 c.pending_rx.append((k, payload))
                 return
             self._on_message(c, k, payload)
