@@ -320,8 +320,10 @@ class ShardMulticast:
         block = wire.check_int(block, "block")
         n_blocks = wire.check_int(n_blocks, "block count", 1, 1 << 24)
         total = wire.check_int(total, "length", 0, self.params.max_payload_size)
-        if origin not in self.senders or not isinstance(cooked, bool) \
-                or block >= n_blocks or len(data) > self.params.block_size:
+        # the sender cuts ``total`` bytes into blocks of block_size (_send_blocks): any other count is garbage,
+        # and a huge one would make rdmc.relays compute a schedule of millions of blocks
+        if origin not in self.senders or not isinstance(cooked, bool) or block >= n_blocks \
+                or n_blocks != max(1, -(-total // self.params.block_size)) or len(data) > self.params.block_size:
             raise wire.WireError("malformed BLOCK")
         rank = self.senders.index(origin)
         if index <= self.num_received[rank] or index in self.received[rank]:
