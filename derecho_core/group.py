@@ -144,6 +144,13 @@ class Group:
 
     def view_installed(self, view: View) -> None:
         self._recent_views.append((view.vid, list(view.members), time.time()))
+        leader = self.rpc.transfer_from
+        if leader is not None and leader not in view.members and self._state_server is not None:
+            # the node shipping our state left: it will never finish; stop waiting (this node then stops,
+            # and restarting it makes it a joiner again, with a leader that is alive)
+            log.error("node %d was receiving its state from node %d, which left the group in view %d; "
+                      "the transfer cannot finish", self.get_my_id(), leader, view.vid)
+            self._state_server.close()
         self._deliveries.put(lambda: self._on_view(view))
 
     def _on_view(self, view: View) -> None:

@@ -102,6 +102,9 @@ class RpcManager:
         self._callbacks_want_progress = group._user_callback("global_persistence_callback") is not None
         #: state transfers of this node, for tests and ``derecho status``: {"to"|"from", "subgroup", "vid", ...}
         self.transfers: list[dict[str, Any]] = []
+        #: the old shard leader this node is receiving state from (Group aborts if it leaves the view)
+        self.transfer_from: int | None = None
+        self._stopped = False
         self._max_p2p_request: int = group.conf.get("DERECHO/max_p2p_request_payload_size")
         self._max_p2p_reply: int = group.conf.get("DERECHO/max_p2p_reply_payload_size")
 
@@ -376,7 +379,17 @@ class RpcManager:
                 sending.start(self, view, holder, joiner)
         try:
             for holder, leader in incoming:
-                holder.latest_version = transfer.receive(self, view, holder, leader)
+                self.transfer_from = leader
+                try:
+                    holder.latest_version = transfer.receive(self, view, holder, leader)
+                except BaseException:
+                    # an object whose state never arrived must not take updates: they would be logged as
+                    # versions of a stale state, and a later rejoin would then skip the tail it lacks
+                    self.objects.pop(holder.subgroup_id, None)
+                    self._close(holder)
+                    raise
+                finally:
+                    self.transfer_from = None
                 if holder.registry is not None and holder.registry.fields:
                     holder.persisted = holder.registry.get_minimum_latest_persisted_version()
                 else:
@@ -431,6 +444,8 @@ class RpcManager:
                 log.exception("closing the logs of subgroup %d failed", holder.subgroup_id)
 
     def on_deliveries(self, deliveries: list[Delivery]) -> None:
+        if self._stopped:
+            return  # this node stopped: nothing more is applied (or logged as a version)
         try:
             self._deliver(deliveries)
         finally:
@@ -651,6 +666,7 @@ class RpcManager:
             self._publish(holder)
 
     def stop(self, reason: str) -> None:
+        self._stopped = True
         with self._lock:
             pendings = list(self._pending.values())
             self._pending.clear()

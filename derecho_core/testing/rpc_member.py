@@ -44,8 +44,12 @@ class Ledger:
         self.pad: Persistent[bytes] = Persistent(bytes, registry, "pad")
         self.calls_seen = 0  # a plain attribute: travels in the snapshot, not in a log
 
+    delay_s = 0.0  # --handler-delay-ms: a slow replica (its replies lag behind the others')
+
     @ordered
     def add(self, x: int) -> int:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         st = dict(self.state.value)
         st["n"] += 1
         st["total"] += x
@@ -95,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file")
     parser.add_argument("--min-shard", type=int, default=2)
     parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--handler-delay-ms", type=float, default=0.0)
     args, rest = parser.parse_known_args(argv)
+    Ledger.delay_s = args.handler_delay_ms / 1000.0
     conf, _ = Conf.parse_args(rest, config_file=args.file)
     # members of one test share a config file; each keeps its logs in its own directory, as separate hosts would
     node_id = conf.get("DERECHO/local_id")
