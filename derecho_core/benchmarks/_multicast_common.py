@@ -54,6 +54,7 @@ def run_group(args: argparse.Namespace, size: int) -> list[dict[str, Any]]:
         cmd = [sys.executable, "-m", "derecho_core.benchmarks._multicast_worker", "--nodes", str(n),
                "--selector", str(args.sender_selector), "--count", str(args.num_messages),
                *(["--raw"] if args.delivery_mode == 1 else []), *(["--pace"] if getattr(args, "pace", False) else []),
+               *(["--samples"] if getattr(args, "samples", False) else []),
                *conf, f"--DERECHO/local_id={node}",
                f"--DERECHO/gms_port={p[0]}", f"--DERECHO/state_transfer_port={p[1]}", f"--DERECHO/sst_port={p[2]}",
                f"--DERECHO/rdmc_port={p[3]}", f"--DERECHO/external_port={p[4]}"]

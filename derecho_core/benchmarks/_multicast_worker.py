@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pace", action="store_true",
                    help="latency test: keep at most window_size own messages outstanding, and stamp a message "
                         "when it is handed over (as Derecho stamps in the send generator, after the window wait)")
+    p.add_argument("--samples", action="store_true",
+                   help="also report every own message's latency (latency_samples_us, µs), e.g. for a CDF")
     args, rest = p.parse_known_args(argv)
     conf, _ = Conf.parse_args(rest)
     me = conf.get("DERECHO/local_id")
@@ -52,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     delivered = 0
     delivered_bytes = 0
     done = threading.Event()
-    sent_at: dict[int, float] = {}
+    # send times of own messages not yet delivered, oldest first: a sender's messages are delivered in the
+    # order it sent them (FIFO), while the callback's index also counts the null messages Derecho sends to
+    # keep the round-robin order moving, so it is not the sender's own message count
+    sent_at: collections.deque[float] = collections.deque()
     latencies: list[float] = []
     own_done = [0]
     own_progress = threading.Event()
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         delivered += 1
         delivered_bytes += len(payload)
         if sender == me:
-            t = sent_at.pop(index, None)
+            t = sent_at.popleft() if sent_at else None
             if t is not None:
                 latencies.append((time.perf_counter() - t) * 1e6)
             own_done[0] += 1
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 while i - own_done[0] >= window and not done.is_set():
                     own_progress.wait(0.01)
                     own_progress.clear()
-            sent_at[i] = time.perf_counter()
+            sent_at.append(time.perf_counter())
             handle.send(payload)
     ok = done.wait(600)
     elapsed = time.perf_counter() - start
@@ -97,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "latency_std_us": statistics.stdev(latencies) if len(latencies) > 1 else 0.0,
         "latency_p50_us": statistics.median(latencies) if latencies else 0.0,
     }
+    if args.samples:
+        result["latency_samples_us"] = [round(x, 1) for x in latencies]
     print(json.dumps(result), flush=True)
     try:
         group.barrier_sync(timeout=60)  # nobody leaves before everyone finished

@@ -30,10 +30,18 @@ from ._multicast_common import run_group, write_line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common_args(parser)
+    parser.add_argument("--samples", action="store_true",
+                        help="add every message's latency to the JSON record (samples_us, and the baseline's "
+                             "baseline_socket_rtt_samples_us), e.g. to plot a CDF")
     parser.set_defaults(pace=True)
 
 
 def socket_round_trip_us(size: int, count: int = 2000) -> float:
+    return statistics.median(socket_round_trip_samples_us(size, count))
+
+
+def socket_round_trip_samples_us(size: int, count: int = 2000) -> list[float]:
+    """Every round trip (µs) of ``count`` ``size``-byte payloads echoed by another process over TCP."""
     port = free_ports(1)[0]
     echo = subprocess.Popen([sys.executable, "-c",
                              "import socket,sys\n"
@@ -63,7 +71,7 @@ def socket_round_trip_us(size: int, count: int = 2000) -> float:
         samples.append((time.perf_counter() - t) * 1e6)
     s.close()
     echo.wait(10)
-    return statistics.median(samples)
+    return samples
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
     window = args.window or Conf.load(environ={}).get("SUBGROUP/DEFAULT/window_size")
     size = args.size or 10240
     runs = []
+    samples: list[float] = []
     for _ in range(args.runs):
         senders = [r for r in run_group(args, size) if r["sender"]]
+        for r in senders:
+            samples += r.get("latency_samples_us", [])
         runs.append({"mean_us": statistics.fmean(r["latency_mean_us"] for r in senders),
                      "std_us": statistics.fmean(r["latency_std_us"] for r in senders),
                      "p50_us": statistics.fmean(r["latency_p50_us"] for r in senders),
@@ -81,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     rec = {k: statistics.median(r[k] for r in runs) for k in ("mean_us", "std_us", "p50_us")}
     write_line("data_latency", [args.num_nodes, args.sender_selector, size, window, args.num_messages,
                                 args.delivery_mode, f"{rec['mean_us']:.2f}", f"{rec['std_us']:.2f}"])
-    baseline = None if args.no_baseline else socket_round_trip_us(size)
+    baseline_samples = None if args.no_baseline else socket_round_trip_samples_us(size)
+    baseline = statistics.median(baseline_samples) if baseline_samples else None
     print(f"{args.num_nodes} nodes, selector {args.sender_selector}, {size} B x {args.num_messages}, "
           f"{'ORDERED' if args.delivery_mode == 0 else 'RAW'} over {args.provider}: latency mean "
           f"{rec['mean_us']:.1f} µs (std {rec['std_us']:.1f}), p50 {rec['p50_us']:.1f} µs"
@@ -90,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
               "num_messages": args.num_messages, "delivery_mode": args.delivery_mode, "size": size,
               "window_size": window, "provider": args.provider, **rec, "runs": runs,
               "baseline_socket_rtt_us": baseline}
+    if args.samples:  # every sender's every message, all runs; and every baseline round trip
+        record["samples_us"] = samples
+        record["baseline_socket_rtt_samples_us"] = [round(x, 1) for x in baseline_samples or []]
     text = json.dumps(record)
     print(text)
     if args.json_out:
