@@ -3,7 +3,9 @@
 A benchmark is a module ``derecho_core.benchmarks.<name>`` that defines
 ``add_arguments(parser)`` and ``run(args) -> int``; it is discovered, so adding
 one never touches this file. Each prints a table with the baselines measured
-in the same run, and a JSON record.
+in the same run, and a JSON record. A module that sets ``IN_ALL = False`` is a
+command of its own but is left out of ``all`` (``report``, which runs the
+others itself).
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                               formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(bp)
         bp.set_defaults(func=module.run)
-        parsers[name] = bp
-    allp = names.add_parser("all", help="run every benchmark with its defaults, one after the other")
+        if getattr(module, "IN_ALL", True):
+            parsers[name] = bp
+    allp = names.add_parser("all", help="run every benchmark with its defaults, one after the other "
+                                        f"({', '.join(parsers)})")
     allp.set_defaults(func=lambda args: _run_all(parsers))
 
     def usage(args: argparse.Namespace) -> int:
