@@ -6,8 +6,10 @@ the build uses this environment's setuptools and cffi instead of downloading
 them. Third-party dependencies (pluggy, mmh3, msgpack, cffi, google-crc32c)
 are downloaded once into a wheelhouse with ``pip download``; the install
 itself runs with ``--no-index``. From the new environment, with the current
-directory outside the source tree, it runs ``derecho plugins --json`` and
-``examples/membership_demo.py`` (three real ``derecho member`` processes).
+directory outside the source tree, it runs ``derecho plugins --json``,
+``examples/membership_demo.py`` (three real ``derecho member`` processes) and
+``derecho demo simple_replicated_objects`` (six processes: ordered_send, reply
+maps, p2p reads, from the installed ``derecho`` command alone).
 """
 
 from __future__ import annotations
@@ -133,5 +135,28 @@ def test_wheels_install_and_run_in_a_fresh_venv(tmp_path: Path) -> None:
     out = _run([py, ROOT / "examples" / "membership_demo.py"], cwd=demo_cwd, timeout=150)
     assert "done: membership works" in out, out
     assert "refused:" in out, out
+    t_membership = time.monotonic() - t0 - t_build - t_install
+
+    # the replicated-objects demo, as a user of the wheels runs it: nothing from the source tree
+    demo = [venv / "bin" / "derecho", "demo", "simple_replicated_objects", "--timeout", "100"]
+    proc = subprocess.run([str(a) for a in demo], cwd=demo_cwd, capture_output=True, text=True, timeout=130,
+                          env=_clean_env())
+    examples_missing = proc.returncode != 0 and "no examples folder" in proc.stderr
+    if examples_missing:
+        # the examples are not in the wheel: still run the demo with the installed packages, from the checkout's
+        # examples/, so the rest of the path is tested, then report the packaging gap as an expected failure
+        proc = subprocess.run([str(a) for a in demo] + ["--examples-dir", str(ROOT / "examples")], cwd=demo_cwd,
+                              capture_output=True, text=True, timeout=130, env=_clean_env())
+    assert proc.returncode == 0, f"derecho demo exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n" \
+                                 f"--- stderr\n{proc.stderr[-4000:]}"
+    assert "simple_replicated_objects: all 6 nodes exited 0" in proc.stdout, proc.stdout[-4000:]
+    assert proc.stdout.count("every check passed") == 6, proc.stdout[-4000:]
     t_total = time.monotonic() - t0
-    print(f"\nwheel test: build {t_build:.1f}s, download+install {t_install:.1f}s, total {t_total:.1f}s")
+    print(f"\nwheel test: build {t_build:.1f}s, download+install {t_install:.1f}s, membership demo "
+          f"{t_membership:.1f}s, replicated objects demo {t_total - t_build - t_install - t_membership:.1f}s, "
+          f"total {t_total:.1f}s")
+    if examples_missing:
+        pytest.xfail("derecho demo finds no examples in an installed wheel (it looks for examples/ next to the "
+                     "derecho_core package folder, i.e. in site-packages); the demo itself works with "
+                     "--examples-dir. Ship the examples inside the package (derecho_core/examples/ as package "
+                     "data) and look there first.")
