@@ -26,7 +26,7 @@ $(STAMP): $(wildcard $(SETUP_INPUTS))
 	@$(MAKE) --no-print-directory system-packages
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip 'setuptools>=77' wheel cffi
-	$(PIP) install --quiet -e '.[test,docs]'
+	$(PIP) install --quiet -e '.[test,docs,bench]'  # bench: the benchmark smoke tests run in make test too
 	@for p in $(PLUGINS); do echo "installing $$p (editable)"; $(PIP) install --quiet --no-build-isolation -e $$p || exit 1; done
 	@touch $(STAMP)
 
@@ -68,6 +68,9 @@ clean:
 # mypy --strict on the modules listed in pyproject.toml [tool.mypy] (run by make lint).
 typecheck: setup
 	$(VENV)/bin/mypy
+	@# the guide's example programs import each other as scripts: checked from their own folder
+	cd derecho_core/examples && MYPYPATH=.:../..:../../plugins/allocators $(abspath $(VENV))/bin/mypy --strict \
+		--follow-imports=silent --explicit-package-bases --cache-dir $(abspath $(VENV))/.mypy_cache_examples *.py
 
 .PHONY: dist version
 # Wheel and sdist of each of the six distributions into dist/ (python -m build, isolated;

@@ -1,7 +1,7 @@
 """``derecho demo NAME``: run one of the example programs as a group of local processes.
 
-An example is a program in the repository's ``examples/`` folder that one
-node runs (``python examples/NAME.py --node ID --nodes N [--SECTION/key=value ...]``)
+An example is a program in the package's ``derecho_core/examples/`` folder that one
+node runs (``python derecho_core/examples/NAME.py --node ID --nodes N [--SECTION/key=value ...]``)
 and that says how many nodes it wants with a module-level ``DEMO_NODES = N``.
 This command starts the N processes on 127.0.0.1, each with its own free ports
 (chosen at run time), its own scratch directory (its working directory, with
@@ -45,7 +45,7 @@ EXTERNAL_PORTS_ENV = "DERECHO_DEMO_EXTERNAL_PORTS"
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "demo", help="run an example program (examples/NAME.py) as a group of local processes",
+        "demo", help="run an example program (derecho_core/examples/NAME.py) as a group of local processes",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="derecho demo [--list] NAME [--nodes N] [--provider sockets|tcp] [--timeout S] "
               "[--examples-dir DIR] [--SECTION/key=value ...] [-- EXAMPLE-OPTIONS]")
@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--timeout", type=float, default=120.0, metavar="S",
                    help="stop every node after S seconds and fail (default 120)")
     p.add_argument("--examples-dir", default=None, metavar="DIR",
-                   help="where the examples are (default: the examples/ folder next to the installed package)")
+                   help="where the examples are (default: the examples/ folder inside the installed package)")
     p.set_defaults(func=run, accepts_extra=True)
 
 
@@ -75,10 +75,10 @@ class Example:
 
 
 def default_examples_dir() -> Path:
-    """The repository's ``examples/``: the sibling of the ``derecho_core`` package folder."""
+    """The examples shipped inside the package (``derecho_core/examples``, in the wheel too)."""
     from .. import __file__ as package_init
 
-    return Path(package_init).resolve().parent.parent / "examples"
+    return Path(package_init).resolve().parent / "examples"
 
 
 def find_examples(folder: Path) -> dict[str, Example]:
@@ -111,8 +111,8 @@ def _examples(args: argparse.Namespace) -> tuple[Path, dict[str, Example]] | Non
         from .. import __file__ as package_init
 
         print(f"derecho demo: no examples folder at {folder} (derecho_core is installed at "
-              f"{Path(package_init).resolve().parent}; the examples ship with the source tree, not with the "
-              "wheel). Run from a checkout, or give --examples-dir DIR.", file=sys.stderr)
+              f"{Path(package_init).resolve().parent}, whose examples/ folder holds the shipped ones). "
+              "Give --examples-dir DIR to run programs from elsewhere.", file=sys.stderr)
         return None
     return folder, find_examples(folder)
 
@@ -127,7 +127,7 @@ class _NodeProcess:
                  lines: queue.Queue[tuple[int, str, str | None]]) -> None:
         self.node_id = node_id
         # stdin stays an open pipe that is never written: the node sees EOF when this process is gone (even
-        # after a SIGKILL) and exits, so no node outlives the demo (examples/_demo_common.py watches it)
+        # after a SIGKILL) and exits, so no node outlives the demo (derecho_core/examples/_demo_common.py watches it)
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
                                      start_new_session=True)

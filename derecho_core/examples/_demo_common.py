@@ -4,7 +4,7 @@ This is the Python counterpart of the C++ demos' ``sample_objects.hpp``
 (Foo, Bar and Cache) plus a little plumbing:
 
 * :func:`start` reads a node's command line,
-  ``python examples/NAME.py --node ID [--nodes N] [--file derecho.cfg] [--SECTION/key=value ...]``,
+  ``python derecho_core/examples/NAME.py --node ID [--nodes N] [--file derecho.cfg] [--SECTION/key=value ...]``,
   into a :class:`~derecho_core.Conf` (``--node`` sets ``DERECHO/local_id``);
 * :meth:`Node.say` prints one line prefixed by the node id, ``[node 3] ...``;
 * :meth:`Node.check` records a failed expectation, so the program exits 1;

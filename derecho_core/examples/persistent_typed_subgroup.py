@@ -4,7 +4,7 @@ The Python version of Derecho's ``persistent_typed_subgroup_test.cpp`` (the
 user guide's "Tracking Updates with Version Vectors"). One process runs one
 node::
 
-    python examples/persistent_typed_subgroup.py --node ID [--nodes N] [--PERS/file_path=DIR ...]
+    python derecho_core/examples/persistent_typed_subgroup.py --node ID [--nodes N] [--PERS/file_path=DIR ...]
 
 or ``derecho demo persistent_typed_subgroup`` for three local nodes.
 

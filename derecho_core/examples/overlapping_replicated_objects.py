@@ -4,7 +4,7 @@ The Python version of Derecho's ``overlapping_replicated_objects.cpp`` (the
 user guide's "Defining Subgroup Membership" example). One process runs one
 node::
 
-    python examples/overlapping_replicated_objects.py --node ID [--SECTION/key=value ...]
+    python derecho_core/examples/overlapping_replicated_objects.py --node ID [--SECTION/key=value ...]
 
 or let ``derecho demo overlapping_replicated_objects`` start all six.
 

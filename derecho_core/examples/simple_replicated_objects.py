@@ -3,7 +3,7 @@
 The Python version of Derecho's ``simple_replicated_objects.cpp`` and of the
 user guide's Cache example. One process runs one node::
 
-    python examples/simple_replicated_objects.py --node ID [--SECTION/key=value ...]
+    python derecho_core/examples/simple_replicated_objects.py --node ID [--SECTION/key=value ...]
 
 or let ``derecho demo simple_replicated_objects`` start all six on this machine.
 

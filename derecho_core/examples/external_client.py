@@ -4,7 +4,7 @@ The Python version of Derecho's ``external_client`` demo. Nodes 0 to N-2 are
 members with a Cache subgroup (one shard of all of them); the last node is not
 a member: it runs an ``ExternalGroupClient``::
 
-    python examples/external_client.py --node ID [--nodes N] [--SECTION/key=value ...]
+    python derecho_core/examples/external_client.py --node ID [--nodes N] [--SECTION/key=value ...]
 
 or ``derecho demo external_client`` for three members and the client.
 

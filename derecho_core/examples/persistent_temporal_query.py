@@ -3,7 +3,7 @@
 The Python version of Derecho's ``persistent_temporal_query_test.cpp`` (the
 user guide's last section). One process runs one node::
 
-    python examples/persistent_temporal_query.py --node ID [--nodes N] [--PERS/file_path=DIR ...]
+    python derecho_core/examples/persistent_temporal_query.py --node ID [--nodes N] [--PERS/file_path=DIR ...]
 
 or ``derecho demo persistent_temporal_query`` for three local nodes.
 

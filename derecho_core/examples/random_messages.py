@@ -3,7 +3,7 @@
 The Python version of Derecho's ``random_messages.cpp``. One process runs
 one node::
 
-    python examples/random_messages.py --node ID [--nodes N] [--unordered] [--SECTION/key=value ...]
+    python derecho_core/examples/random_messages.py --node ID [--nodes N] [--unordered] [--SECTION/key=value ...]
 
 or ``derecho demo random_messages`` for three local nodes.
 
