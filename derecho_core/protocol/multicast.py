@@ -293,11 +293,22 @@ class ShardMulticast:
             raise wire.WireError("DATA must be [first_index, [entries]]")
         rank = self._sender_rank(sender)
         index = wire.check_int(fields[0], "first index")
+        # The window lets a sender's index run at most window_size rounds ahead of what every member
+        # (this one included) delivered, and nulls only catch a sender up with such messages. An index
+        # far past that is garbage: answering it (or recording a null run to it) would take ages.
+        # (raw shards' windows count receipts, ordered ones deliveries: the larger bound covers both)
+        limit = max(max(self.seq_num, 0) // max(self.n_s, 1), self.num_received[rank]) \
+            + 2 * self.params.window_size + 16
+        if index + len(fields[1]) - 1 > limit:
+            raise wire.WireError(f"DATA from index {index} reaches past the window (index {limit} at most)")
         for entry in fields[1]:
             if not isinstance(entry, list):
                 raise wire.WireError("DATA entry must be a list")
             if len(entry) == 1:
                 k = wire.check_int(-entry[0] if isinstance(entry[0], int) else None, "null count", 1, 1 << 31)
+                if index + k - 1 > limit:
+                    raise wire.WireError(f"a run of {k} nulls from index {index} reaches past the window "
+                                         f"(index {limit} at most)")
                 for i in range(index, index + k):
                     self._record(rank, i, None)
                 index += k
@@ -524,6 +535,10 @@ class ShardMulticast:
             raise wire.WireError(f"{kind} must be [leader, [last index per sender]]")
         leader = wire.check_int(fields[0], "trim leader")
         trim = [wire.check_int(x, "trim index", -1) for x in fields[1]]
+        # a trim is a minimum over the live members' receipts, this node's included: one beyond what this
+        # node received is garbage (delivering up to it would also walk every sequence number in between)
+        if any(t > nr for t, nr in zip(trim, self.num_received, strict=True)):
+            raise wire.WireError(f"{kind} {trim} goes beyond what this node received {self.num_received}")
         if kind == ECHO:
             self.echoes[sender] = (leader, trim)
         else:
