@@ -79,8 +79,10 @@ class GmsChannel:
                 with socket.create_connection(address, timeout=CONNECT_TIMEOUT) as s:
                     s.sendall(self._frame(data))
                     s.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                log.debug("GMS message to %s:%d not delivered: %s", address[0], address[1], exc)
+            except (OSError, ValueError) as exc:  # ValueError: a host name from a peer that is no host name
+                log.debug("GMS message to %s:%s not delivered: %s", address[0], address[1], exc)
+            except Exception:  # never let the sender die: no welcome, refusal or redirect would leave again
+                log.exception("GMS message to %r not delivered", address)
 
     # ----------------------------------------------------------------- receiving
     def _accept_loop(self) -> None:
