@@ -522,12 +522,41 @@ def _socketpair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def _feed(sock: socket.socket, data: bytes) -> None:
-    """Write ``data`` into the peer end and end the stream (the reader then sees EOF)."""
-    sock.settimeout(2.0)
-    if data:
-        sock.sendall(data)
+def _feed(sock: socket.socket, data: bytes) -> threading.Thread | None:
+    """Write ``data`` into the peer end and end the stream (the reader then sees EOF).
+
+    What does not fit in the socket buffer is written by a thread (returned: join it after closing the
+    reader's end), so a large input never blocks the harness.
+    """
+    sock.settimeout(10.0)
+    sock.setblocking(False)
+    sent = 0
+    try:
+        while sent < len(data):
+            sent += sock.send(data[sent:sent + (1 << 16)])
+    except BlockingIOError:
+        def rest() -> None:
+            try:
+                sock.setblocking(True)
+                sock.settimeout(10.0)
+                sock.sendall(data[sent:])
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        t = threading.Thread(target=rest, daemon=True)
+        t.start()
+        return t
+    sock.setblocking(True)
     sock.shutdown(socket.SHUT_WR)
+    return None
+
+
+def _close_fed(a: socket.socket, b: socket.socket, feeder: threading.Thread | None) -> None:
+    a.close()  # the feeder's writes then fail, and it ends
+    if feeder is not None:
+        feeder.join(10)
+    b.close()
 
 
 def _drain(sock: socket.socket) -> bytes:
@@ -869,6 +898,15 @@ class SocketsTransportTarget(Harness):
         for t in self.transports.values():
             t.close()
 
+    def reset(self) -> None:
+        """Forget the connections an interrupted input left behind."""
+        for t in self.transports.values():
+            for conn in list(t._conns.values()):
+                t._drop(conn)
+            t._peers.clear()
+            t._accepting.clear()
+            t._take_events()
+
     def generate(self, rng: random.Random) -> Any:
         st = self.st
         m = self.mutator
@@ -915,18 +953,20 @@ class SocketsTransportTarget(Harness):
                                    accept=lambda h, c=conn: t._accept_hello(c, h))
             t._conns[conn.fd] = conn
             t._set_mask(conn, st._R)
-            b.settimeout(2.0)
+            b.setblocking(False)
             for chunk in chunks:
+                view = memoryview(chunk)
+                while view and conn.state != "closed":  # the peer writes what the socket takes, the transport reads
+                    try:
+                        view = view[b.send(view):]
+                    except BlockingIOError:
+                        pass
+                    except OSError:  # the transport already closed the connection
+                        break
+                    t._io(conn, st._R, True)
+                    _drain(b)
                 if conn.state == "closed":
                     break
-                try:
-                    b.sendall(chunk)
-                except OSError:  # the transport already closed the connection
-                    break
-                t._io(conn, st._R, True)
-                _drain(b)
-                b.setblocking(True)
-                b.settimeout(2.0)
             with contextlib.suppress(OSError):
                 b.shutdown(socket.SHUT_WR)
             for _ in range(10_000):
@@ -985,12 +1025,12 @@ class GmsFrame(Harness):
         srv = self.servers[keyed]
         srv.received.clear()
         a, b = _socketpair()
+        feeder = None
         try:
-            _feed(b, stream)
+            feeder = _feed(b, stream)
             srv._read_one(a, ("fuzz", 0))
         finally:
-            a.close()
-            b.close()
+            _close_fed(a, b, feeder)
         return bool(srv.received)
 
 
@@ -1940,8 +1980,9 @@ class ExternalClientFrames(Harness):
         keyed, stream = data
         ec = self.ec
         a, b = _socketpair()
+        feeder = None
         try:
-            _feed(b, stream)
+            feeder = _feed(b, stream)
             client = _FakeClient(keyed)
             conn = object.__new__(ec._MemberConnection)
             conn.client, conn.sock, conn.address, conn.node_id = client, a, ("fuzz", 1), 0
@@ -1964,8 +2005,7 @@ class ExternalClientFrames(Harness):
             return client.lost[0] == "the member closed the connection" or "closed" in client.lost[0] and \
                 "garbage" not in client.lost[0]
         finally:
-            a.close()
-            b.close()
+            _close_fed(a, b, feeder)
 
 
 @target
@@ -1998,15 +2038,13 @@ class ExternalClientHello(Harness):
                 sock = real.create_connection(harness.addr, timeout=timeout)
                 srv, _ = harness.listener.accept()
                 harness.peer = srv
-                srv.settimeout(2.0)
-                if harness.pending:
-                    srv.sendall(harness.pending)
-                srv.shutdown(real.SHUT_WR)
+                harness.feeder = _feed(srv, harness.pending)
                 return sock
 
         ec.socket = _SocketModule()  # type: ignore[attr-defined]
         self.pending = b""
         self.peer: socket.socket | None = None
+        self.feeder: threading.Thread | None = None
 
     def close(self) -> None:
         self.listener.close()
@@ -2059,6 +2097,9 @@ class ExternalClientHello(Harness):
         finally:
             if conn is not None:
                 conn.lost("fuzz input done")
+            if self.feeder is not None:
+                self.feeder.join(10)
+                self.feeder = None
             if self.peer is not None:
                 self.peer.close()
                 self.peer = None
@@ -2146,8 +2187,9 @@ class StateTransferGreet(Harness):
         keyed, stream = data
         srv = self.servers[keyed]
         a, b = _socketpair()
+        feeder = None
         try:
-            _feed(b, stream)
+            feeder = _feed(b, stream)
             assert srv._slots.acquire(blocking=False)
             srv._greet(a, ("fuzz", 1))
             held = [h for hs in srv._held.values() for h in hs]
@@ -2157,8 +2199,7 @@ class StateTransferGreet(Harness):
                 srv._slots.release()
             return bool(held)
         finally:
-            a.close()
-            b.close()
+            _close_fed(a, b, feeder)
 
 
 def _st_registry(workdir: Path, prefix: str, entries: int = 0) -> tuple[Any, Any]:
@@ -2260,8 +2301,9 @@ class StateTransferReceive(Harness):
         srv._take = take_once
         a, b = _socketpair()
         registry, obj = _st_registry(_workdir(), "fuzz-dst", entries=2)
+        feeder = None
         try:
-            _feed(b, stream)
+            feeder = _feed(b, stream)
             chan = st._Channel(a, srv.key, st._JOINER)
             chan.session = NONCE_L
             chan.recv_seq = 1
@@ -2271,8 +2313,7 @@ class StateTransferReceive(Harness):
             return True
         finally:
             registry.close()
-            a.close()
-            b.close()
+            _close_fed(a, b, feeder)
 
 
 @target
@@ -3147,6 +3188,9 @@ def _live_connection(kind: str, port: int, corpus: _LiveCorpus, rng: random.Rand
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # close with a reset: tens of thousands of connections would otherwise leave as many TIME_WAITs,
+        # and loopback runs out of ports (connects then time out: the harness's problem, not the member's)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if kind == "sst.raw":
             sock.sendall(corpus.fuzz_bytes(rng, corpus.hs_seeds))
         elif kind == "sst.frames":
@@ -3224,6 +3268,12 @@ def _live_connection(kind: str, port: int, corpus: _LiveCorpus, rng: random.Rand
         sock.close()
 
 
+def _fatal_lines(lines: list[str]) -> list[int]:
+    """Where a member logged that it stops: its engine failed, or it stopped with an error."""
+    return [i for i, ln in enumerate(lines) if "engine of node" in ln and "failed" in ln
+            or "internal error in the engine" in ln]
+
+
 def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool = True,
              workdir: Path | None = None) -> dict[str, Any]:
     """Start a 3-member group, throw ``connections`` connections of garbage at member ``node``, check it."""
@@ -3264,8 +3314,9 @@ def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool =
             _live_connection(kind, ports[LIVE_KINDS[kind][0]], corpus, input_rng(seed, f"live/{kind}", i),
                              node, counts)
             bar.update(1)
-            if i % 250 == 249 and target.proc.poll() is not None:
-                died = True
+            if i % 250 == 249 and (target.proc.poll() is not None or _fatal_lines(target.stderr)):
+                died = True  # the process, or its engine thread, is gone: no use going on
+                report["stopped_after"] = i + 1
                 break
         bar.close()
         report["connections"] = sum(per_kind.values())
@@ -3274,12 +3325,14 @@ def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool =
         report["events"] = dict(sorted(counts.items()))
         time.sleep(1.0)
         checks = report["checks"]
-        alive = {nid: m.proc.poll() is None for nid, m in group.members.items()}
+        alive = {nid: m.proc.poll() is None and not _fatal_lines(m.stderr) for nid, m in group.members.items()}
         checks["alive"] = alive
         if died or not all(alive.values()):
             report["crashes"] += 1
-            report["findings"].append({"kind": "crash", "signature": "a member process died",
-                                       "stderr": "".join(target.stderr[-40:])})
+            fatal = _fatal_lines(target.stderr)
+            report["findings"].append({"kind": "crash", "signature": "a member process (or its engine) died",
+                                       "stderr": "".join(target.stderr[fatal[0]:fatal[0] + 60] if fatal
+                                                         else target.stderr[-40:])})
         else:
             views = {nid: m.views()[-1] for nid, m in group.members.items()}
             checks["views"] = {nid: {"vid": v["vid"], "members": v["members"]} for nid, v in views.items()}
