@@ -3117,7 +3117,8 @@ def run_fuzz(inputs: int, seed: int = 0, targets: Sequence[str] | None = None, *
 
 LIVE_KINDS = {
     # kind: (port key, weight, what it sends)
-    "sst.raw": ("sst_port", 0.12, "random or mutated bytes where the transport expects a handshake"),
+    "sst.raw": ("sst_port", 0.12, "random or mutated bytes where the transport expects a handshake (a HELLO "
+                                  "that still parses never claims a member's id: see _not_a_member)"),
     "sst.frames": ("sst_port", 0.30, "a valid handshake (a non-member node id), then garbage frames on every "
                                      "channel: membership, multicast, blocks, progress, RPC requests and replies, "
                                      "barriers"),
@@ -3166,6 +3167,27 @@ class _LiveCorpus(Harness):
         self.hs_seeds = [raw_seed(pair["hello"]), raw_seed(pair["hello"] + pair["confirm"]), raw_seed(pair["refuse"])]
 
 
+def _not_a_member(data: bytes, members: Sequence[int] = (0, 1, 2)) -> bytes:
+    """``data`` with the node id of a leading valid HELLO moved off the members' ids.
+
+    Without a cluster key, a HELLO that claims a member's id with a new incarnation replaces that
+    member's connection, and the member is suspected and removed: the open issue that tests/security
+    pins with a strict xfail (docs/security.md). The live fuzz stays clear of it, so its checks are about
+    decoders; docs/fuzzing.md reports what it leads to.
+    """
+    from .. import handshake as hs
+
+    try:
+        got = hs.decode_record(data)
+        if got is not None and got[0].kind in (hs.KIND_HELLO, hs.KIND_WELCOME) and \
+                hs.parse_hello(got[0]).node_id in members:
+            at = hs.RECORD_HEADER.size
+            return data[:at] + struct.pack("<I", 9) + data[at + 4:]
+    except Exception:  # not a record: garbage as it is
+        pass
+    return data
+
+
 def _recv_some(sock: socket.socket, timeout: float) -> bytes:
     sock.settimeout(timeout)
     try:
@@ -3192,7 +3214,7 @@ def _live_connection(kind: str, port: int, corpus: _LiveCorpus, rng: random.Rand
         # and loopback runs out of ports (connects then time out: the harness's problem, not the member's)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if kind == "sst.raw":
-            sock.sendall(corpus.fuzz_bytes(rng, corpus.hs_seeds))
+            sock.sendall(_not_a_member(corpus.fuzz_bytes(rng, corpus.hs_seeds)))
         elif kind == "sst.frames":
             from derecho_transport_sockets.transport import FRAME, K_BYE, K_DATA
 
@@ -3347,10 +3369,10 @@ def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool =
             for sender in sorted({node, 0}):
                 m = group.members[sender]
                 n = len(m.events)
-                m.command("burst 10")
                 try:
+                    m.command("burst 10")
                     bursts[sender] = m.event("burst", 60, after=n)["replies"]
-                except TimeoutError:
+                except (TimeoutError, OSError):  # OSError: the member died (its stdin is a broken pipe)
                     bursts[sender] = None
             checks["burst_10"] = bursts
             ok = all(b is not None and all(b.get(str(x), {}).get("ok") == 10 for x in (0, 1, 2))
@@ -3359,20 +3381,28 @@ def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool =
             digests = {}
             for nid, m in group.members.items():
                 n = len(m.events)
-                m.command("digest")
                 try:
+                    m.command("digest")
                     d = m.event("digest", 60, after=n)
                     digests[nid] = {"state": d["state"], "logs": d["logs"], "value": d["value"]}
-                except TimeoutError:
+                except (TimeoutError, OSError):
                     digests[nid] = None
             checks["digests"] = digests
             same = all(d is not None for d in digests.values()) and \
                 len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1
             checks["digests_equal"] = same
-            if not ok or not same:
+            dead = {nid: m.proc.poll() for nid, m in group.members.items() if m.proc.poll() is not None}
+            if dead:
+                checks["died_during_checks"] = dead
+                report["crashes"] += 1
+                report["findings"].append({"kind": "crash", "signature": "a member process died during the checks",
+                                           "exit": dead, "stderr": {nid: "".join(group.members[nid].stderr[-60:])
+                                                                    for nid in dead}})
+            elif not ok or not same:
                 report["hangs"] += 1
                 report["findings"].append({"kind": "hang", "signature": "the member stopped answering or diverged",
-                                           "checks": {k: checks[k] for k in ("burst_10", "digests")}})
+                                           "checks": {k: checks[k] for k in ("burst_10", "digests")},
+                                           "stderr": "".join(target.stderr[-40:])})
         lines = [ln for m in group.members.values() for ln in m.stderr]
         tracebacks = [i for i, ln in enumerate(lines) if "Traceback (most recent call last)" in ln]
         suspicious = [ln.strip() for ln in lines if any(w in ln for w in (

@@ -295,3 +295,28 @@ def test_a_value_from_the_network_never_imports_a_module() -> None:
         "    pass\n"
         "print('decoded without running code')\n")
     assert out.returncode == 0 and "decoded without running code" in out.stdout, out.stderr[-500:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, raises=OSError, reason="open: SocketsTransport.connect raises socket.gaierror for "
+                   "a host that does not resolve (and resolves it on the engine thread); a joiner's address is the "
+                   "one its JOIN names, so a view with it stops every member with 'internal error in the engine' "
+                   "(docs/fuzzing.md)")
+def test_open_connecting_to_an_unresolvable_address_is_a_peer_failure(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Any) -> None:
+    from derecho_transport_sockets.transport import SocketsTransport
+
+    from derecho_core.conf import Conf
+    from derecho_core.transport import PeerFailed
+
+    monkeypatch.chdir(tmp_path)
+    t = SocketsTransport(Conf.load(environ={}), 0, ("127.0.0.1", 0))
+    try:
+        t.connect(5, ("no-such-host.invalid", 1))
+        deadline = time.monotonic() + 20
+        events: list[Any] = []
+        while time.monotonic() < deadline and not any(isinstance(e, PeerFailed) for e in events):
+            events += t.poll(0.1)
+        assert any(isinstance(e, PeerFailed) and e.node_id == 5 for e in events)
+    finally:
+        t.close()
