@@ -3197,7 +3197,7 @@ def _recv_some(sock: socket.socket, timeout: float) -> bytes:
 
 
 def _live_connection(kind: str, port: int, corpus: _LiveCorpus, rng: random.Random, target_id: int,
-                     counts: collections.Counter[str]) -> None:
+                     counts: collections.Counter[str], impersonate: bool = False) -> None:
     """Open one connection to the member, send this kind's garbage, close. Counts what happened."""
     from .. import handshake as hs
 
@@ -3214,11 +3214,12 @@ def _live_connection(kind: str, port: int, corpus: _LiveCorpus, rng: random.Rand
         # and loopback runs out of ports (connects then time out: the harness's problem, not the member's)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if kind == "sst.raw":
-            sock.sendall(_not_a_member(corpus.fuzz_bytes(rng, corpus.hs_seeds)))
+            data = corpus.fuzz_bytes(rng, corpus.hs_seeds)
+            sock.sendall(data if impersonate else _not_a_member(data))
         elif kind == "sst.frames":
             from derecho_transport_sockets.transport import FRAME, K_BYE, K_DATA
 
-            me = rng.randrange(1000, 60_000)
+            me = rng.choice([0, 1, 2]) if impersonate and rng.random() < 0.3 else rng.randrange(1000, 60_000)
             h = hs.Handshake("initiator", me, rng.getrandbits(63) | 1, expected_peer=target_id)
             sock.sendall(h.start())
             deadline = time.monotonic() + 3.0
@@ -3297,8 +3298,13 @@ def _fatal_lines(lines: list[str]) -> list[int]:
 
 
 def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool = True,
-             workdir: Path | None = None) -> dict[str, Any]:
-    """Start a 3-member group, throw ``connections`` connections of garbage at member ``node``, check it."""
+             workdir: Path | None = None, cluster_key: bool = False) -> dict[str, Any]:
+    """Start a 3-member group, throw ``connections`` connections of garbage at member ``node``, check it.
+
+    Without a cluster key (the default) the garbage reaches every decoder behind the handshakes, and no
+    connection claims a member's node id (that is what the key is for). With ``cluster_key`` the group
+    has one and the fuzzer does not: everything must be refused at the door, member ids included.
+    """
     import shutil
 
     from tqdm import tqdm
@@ -3307,10 +3313,14 @@ def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool =
 
     started = time.monotonic()
     tmp = workdir or Path(tempfile.mkdtemp(prefix="derecho-fuzz-live-"))
-    group = LocalGroup(tmp, settings={"PERS/file_path": str(tmp / "plog")},
+    settings: dict[str, Any] = {"PERS/file_path": str(tmp / "plog")}
+    if cluster_key:
+        (tmp / "cluster.key").write_bytes(os.urandom(32).hex().encode())
+        settings["DERECHO/cluster_key_file"] = str(tmp / "cluster.key")
+    group = LocalGroup(tmp, settings=settings,
                        program=["-m", "derecho_core.testing.rpc_member", "--min-shard", "2"])
-    report: dict[str, Any] = {"kind": "live", "node": node, "connections": 0, "by_kind": {}, "crashes": 0,
-                              "hangs": 0, "checks": {}, "findings": []}
+    report: dict[str, Any] = {"kind": "live", "node": node, "cluster_key": cluster_key, "connections": 0,
+                              "by_kind": {}, "crashes": 0, "hangs": 0, "checks": {}, "findings": []}
     try:
         group.start(0)
         time.sleep(0.3)
@@ -3334,7 +3344,7 @@ def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool =
             kind = rng.choices(kinds, weights)[0]
             per_kind[kind] += 1
             _live_connection(kind, ports[LIVE_KINDS[kind][0]], corpus, input_rng(seed, f"live/{kind}", i),
-                             node, counts)
+                             node, counts, impersonate=cluster_key)
             bar.update(1)
             if i % 250 == 249 and (target.proc.poll() is not None or _fatal_lines(target.stderr)):
                 died = True  # the process, or its engine thread, is gone: no use going on
@@ -3459,7 +3469,8 @@ def format_table(report: dict[str, Any]) -> str:
                      str(t["hangs"]), f"{t['max_seconds'] * 1000:.0f}"))
     live = report.get("live")
     if live:
-        rows.append((f"live (member {live['node']}, all ports)", f"{live['connections']:,}", "-", "-",
+        rows.append((f"live (member {live['node']}, all ports{', keyed' if live.get('cluster_key') else ''})",
+                     f"{live['connections']:,}", "-", "-",
                      str(live["crashes"]), str(live["hangs"]), "-"))
     tot = report["totals"]
     rows.append(("TOTAL", f"{tot['inputs']:,}", f"{tot['accepted']:,}", f"{tot['rejected']:,}", str(tot["crashes"]),
@@ -3546,6 +3557,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the report here")
     p.add_argument("--live", type=int, default=0, metavar="N", help="also N live connections to a real group")
     p.add_argument("--live-node", type=int, default=1, help="the member the live connections go to (default 1)")
+    p.add_argument("--live-key", action="store_true",
+                   help="the live group has a cluster key (the fuzzer has none, and may claim member ids)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes at a time")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds after which an input is a hang")
     p.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB, help="address space limit of a worker")
@@ -3598,7 +3611,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t.strip() for t in args.targets.split(",")] if args.targets else None
     results = run_fuzz(args.inputs, args.seed, targets, jobs=args.jobs, timeout=args.timeout,
                        memory_mb=args.memory_mb, progress=not args.no_progress) if args.inputs > 0 else []
-    live = run_live(args.live, args.seed, node=args.live_node, progress=not args.no_progress) if args.live else None
+    live = run_live(args.live, args.seed, node=args.live_node, progress=not args.no_progress,
+                    cluster_key=args.live_key) if args.live else None
     report = build_report(args.seed, results, live, time.monotonic() - started, args.timeout)
     print(format_table(report))
     if args.json:

@@ -320,3 +320,35 @@ def test_open_connecting_to_an_unresolvable_address_is_a_peer_failure(monkeypatc
         assert any(isinstance(e, PeerFailed) and e.node_id == 5 for e in events)
     finally:
         t.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.xfail(strict=True, reason="open: the leader admits a joiner whose JOIN names a host that does not "
+                   "resolve (without a cluster key anyone can send one); every member's transport then raises "
+                   "gaierror from connect() and every engine stops: one GMS frame ends the group (docs/fuzzing.md)")
+def test_open_a_join_naming_an_unresolvable_host_does_not_stop_the_group(tmp_path: Any) -> None:
+    import socket
+
+    from derecho_core.gms_channel import GmsChannel
+    from derecho_core.testing.processes import LocalGroup
+
+    group = LocalGroup(tmp_path, settings={"PERS/file_path": str(tmp_path / "plog")},
+                       program=["-m", "derecho_core.testing.rpc_member", "--min-shard", "2"])
+    try:
+        group.start(0)
+        time.sleep(0.3)
+        group.start(1)
+        group.start(2)
+        for m in group.members.values():
+            m.wait_for_view([0, 1, 2], 120)
+        frame = object.__new__(GmsChannel)
+        frame.key = None
+        join = msgpack.packb(["join", 7, ["no-such-host.invalid", 1, 2, 3, 4, 5], 99, None])
+        with socket.create_connection(("127.0.0.1", group.ports[0]["gms_port"]), timeout=5) as s:
+            s.sendall(frame._frame(join))
+        time.sleep(5)
+        stopped = {nid: "".join(m.stderr[-5:]) for nid, m in group.members.items()
+                   if m.proc.poll() is not None or fuzz._fatal_lines(m.stderr)}
+        assert not stopped, stopped
+    finally:
+        group.close()
