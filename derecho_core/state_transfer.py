@@ -799,7 +799,10 @@ class StateTransferServer:
                 log.warning("state-transfer port: connection from %s:%d refused: %s", peer[0], peer[1], reason)
                 with self._lock:
                     self._refusals.append(f"{peer[0]}:{peer[1]}: {reason}")
-                chan.send_refuse(reason)
+                try:
+                    chan.send_refuse(reason)
+                except OSError:  # it hung up (or reset) first: nobody left to tell
+                    pass
                 return
             chan.session = nonce
             with self._cond:
