@@ -3444,13 +3444,14 @@ def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool =
 
 
 def build_report(seed: int, results: list[TargetResult], live: dict[str, Any] | None, seconds: float,
-                 timeout: float) -> dict[str, Any]:
+                 timeout: float, live_keyed: dict[str, Any] | None = None) -> dict[str, Any]:
     targets = [r.as_dict(seed) for r in results]
     totals = {k: sum(t[k] for t in targets) for k in ("inputs", "accepted", "rejected", "crashes", "hangs")}
-    if live is not None:
-        totals["inputs"] += live["connections"]
-        totals["crashes"] += live["crashes"]
-        totals["hangs"] += live["hangs"]
+    for lv in (live, live_keyed):
+        if lv is not None:
+            totals["inputs"] += lv["connections"]
+            totals["crashes"] += lv["crashes"]
+            totals["hangs"] += lv["hangs"]
     try:
         import atheris  # noqa: F401
 
@@ -3459,7 +3460,7 @@ def build_report(seed: int, results: list[TargetResult], live: dict[str, Any] | 
         atheris_state = "not installed"
     return {"format": 1, "seed": seed, "timeout_s": timeout, "seconds": round(seconds, 1),
             "python": sys.version.split()[0], "msgpack": ".".join(map(str, msgpack.version)),
-            "atheris": atheris_state, "totals": totals, "targets": targets, "live": live}
+            "atheris": atheris_state, "totals": totals, "targets": targets, "live": live, "live_keyed": live_keyed}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -3467,11 +3468,10 @@ def format_table(report: dict[str, Any]) -> str:
     for t in report["targets"]:
         rows.append((t["name"], f"{t['inputs']:,}", f"{t['accepted']:,}", f"{t['rejected']:,}", str(t["crashes"]),
                      str(t["hangs"]), f"{t['max_seconds'] * 1000:.0f}"))
-    live = report.get("live")
-    if live:
-        rows.append((f"live (member {live['node']}, all ports{', keyed' if live.get('cluster_key') else ''})",
-                     f"{live['connections']:,}", "-", "-",
-                     str(live["crashes"]), str(live["hangs"]), "-"))
+    lives = [lv for lv in (report.get("live"), report.get("live_keyed")) if lv]
+    for live in lives:
+        rows.append((f"live (member {live['node']}, all ports{', cluster key' if live.get('cluster_key') else ''})",
+                     f"{live['connections']:,}", "-", "-", str(live["crashes"]), str(live["hangs"]), "-"))
     tot = report["totals"]
     rows.append(("TOTAL", f"{tot['inputs']:,}", f"{tot['accepted']:,}", f"{tot['rejected']:,}", str(tot["crashes"]),
                  str(tot["hangs"]), ""))
@@ -3490,10 +3490,11 @@ def format_table(report: dict[str, Any]) -> str:
             out.append(f"  {name}: {f['kind']} x{f['count']}: {f['signature']}")
             if ex:
                 out.append(f"      replay: {ex.get('replay', '')}")
-    if live and live.get("findings"):
-        out.append("live findings:")
-        for f in live["findings"]:
-            out.append(f"  {f['kind']}: {f['signature']}")
+    for live in lives:
+        if live.get("findings"):
+            out.append("live findings" + (" (cluster key)" if live.get("cluster_key") else "") + ":")
+            for f in live["findings"]:
+                out.append(f"  {f['kind']}: {f['signature']}")
     return "\n".join(out)
 
 
@@ -3557,8 +3558,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the report here")
     p.add_argument("--live", type=int, default=0, metavar="N", help="also N live connections to a real group")
     p.add_argument("--live-node", type=int, default=1, help="the member the live connections go to (default 1)")
-    p.add_argument("--live-key", action="store_true",
-                   help="the live group has a cluster key (the fuzzer has none, and may claim member ids)")
+    p.add_argument("--live-keyed", type=int, default=0, metavar="N",
+                   help="also N live connections to a group with a cluster key (the fuzzer has none, and may "
+                        "claim member ids: everything must be refused)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes at a time")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds after which an input is a hang")
     p.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB, help="address space limit of a worker")
@@ -3611,9 +3613,10 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t.strip() for t in args.targets.split(",")] if args.targets else None
     results = run_fuzz(args.inputs, args.seed, targets, jobs=args.jobs, timeout=args.timeout,
                        memory_mb=args.memory_mb, progress=not args.no_progress) if args.inputs > 0 else []
-    live = run_live(args.live, args.seed, node=args.live_node, progress=not args.no_progress,
-                    cluster_key=args.live_key) if args.live else None
-    report = build_report(args.seed, results, live, time.monotonic() - started, args.timeout)
+    live = run_live(args.live, args.seed, node=args.live_node, progress=not args.no_progress) if args.live else None
+    keyed = run_live(args.live_keyed, args.seed, node=args.live_node, progress=not args.no_progress,
+                     cluster_key=True) if args.live_keyed else None
+    report = build_report(args.seed, results, live, time.monotonic() - started, args.timeout, keyed)
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=repr) + "\n")
