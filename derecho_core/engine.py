@@ -13,8 +13,10 @@ Every transport message starts with one byte naming the layer it is for.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import secrets
+import socket
 import threading
 import time
 from typing import Any, Callable, Hashable, Protocol, Sequence
@@ -23,7 +25,7 @@ import msgpack
 
 from . import plugins
 from .conf import Conf
-from .errors import DerechoError
+from .errors import ConfigError, DerechoError
 from .gms_channel import GmsChannel
 from .handshake import load_cluster_key
 from .protocol import events as ev
@@ -67,6 +69,36 @@ class GroupStoppedError(DerechoError):
         self.reason = reason
 
 
+def advertised_ip(conf: Conf) -> str:
+    """``DERECHO/local_ip`` as a numeric IPv4 address, resolved once here.
+
+    Views carry it to every member, whose transports connect to it: a host name there would be
+    resolved on each member's engine thread, and a leader refuses a JOIN naming anything but a
+    numeric address (one frame naming a host that does not resolve could otherwise stop a group).
+    """
+    host = conf.get("DERECHO/local_ip")
+    numeric = _numeric(host)
+    if numeric is None:
+        raise ConfigError(f"{host!r} does not resolve to an IPv4 address; give this node's IP address "
+                          "(the others connect to it)", key="DERECHO/local_ip", source=conf.source("DERECHO/local_ip"))
+    return numeric
+
+
+def _numeric(host: str) -> str | None:
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        return str(socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+    except (OSError, UnicodeError, IndexError):
+        return None
+
+
+def _numeric_or_same(host: str) -> str:
+    return _numeric(host) or host
+
+
 class Engine:
     """Runs one node's protocol. ``start()`` then ``wait_for_first_view()``."""
 
@@ -75,7 +107,7 @@ class Engine:
                  restart: RestartInfo | None = None) -> None:
         self.conf = conf
         self.node_id: int = conf.get("DERECHO/local_id")
-        ip = conf.get("DERECHO/local_ip")
+        ip = advertised_ip(conf)
         self.address = IpAndPorts(ip, conf.get("DERECHO/gms_port"), conf.get("DERECHO/state_transfer_port"),
                                   conf.get("DERECHO/sst_port"), conf.get("DERECHO/rdmc_port"),
                                   conf.get("DERECHO/external_port"))
@@ -133,7 +165,7 @@ class Engine:
         if self.restart is not None:
             contact = self.restart_leaders(self.conf)[0]  # the first restart leader gathers the restart
         now = self._now()
-        if contact == (self.address.ip_address, self.address.gms_port):
+        if (_numeric_or_same(contact[0]), contact[1]) == (self.address.ip_address, self.address.gms_port):
             log.info("node %d starts a new group as its leader (contact %s:%d)", self.node_id, *contact)
             actions = self.node.start_new_group(now)
         else:

@@ -444,6 +444,7 @@ class Membership:
                 raw = msg[2]
                 if not isinstance(raw, list) or len(raw) != 6:
                     raise wire.WireError("joiner address must be [ip, 5 ports]")
+                wire.check_ip(raw[0], f"the address of joiner {node}")
                 change = Change.decode([self.id, node, False, raw, msg[3]])
                 info = None
                 if len(msg) == 5 and msg[4] is not None:

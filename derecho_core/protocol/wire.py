@@ -8,6 +8,7 @@ the state machine.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import msgpack
@@ -70,6 +71,16 @@ def check_int(value: Any, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise WireError(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def check_ip(value: Any, what: str) -> str:
+    """A numeric IPv4 address: views hold only these, so no member ever resolves a peer's host name."""
+    try:
+        if isinstance(value, str):
+            return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        pass
+    raise WireError(f"{what} must be a numeric IPv4 address, got {value!r}")
 
 
 def check_address(value: Any, what: str) -> tuple[str, int]:

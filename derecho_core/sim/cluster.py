@@ -96,7 +96,7 @@ class Cluster:
     # ------------------------------------------------------------------ nodes
     def _address(self, node_id: int) -> IpAndPorts:
         # distinct loopback-style addresses; never used for real traffic
-        return IpAndPorts(f"sim-{node_id}", 1000 + node_id, 2000 + node_id, 3000 + node_id, 4000 + node_id,
+        return IpAndPorts(f"10.99.{node_id // 256}.{node_id % 256}", 1000 + node_id, 2000 + node_id, 3000 + node_id, 4000 + node_id,
                           5000 + node_id)
 
     def _new_proto(self, node_id: int, incarnation: int) -> Membership:

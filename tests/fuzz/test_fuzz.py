@@ -64,17 +64,30 @@ def test_quick_live_garbage_on_every_port() -> None:
     assert report["events"].get("sst.frames: handshakes completed", 0) > 0
 
 
+@pytest.mark.timeout(300)
+def test_quick_live_garbage_with_a_cluster_key_is_refused_at_the_door() -> None:
+    report = fuzz.run_live(400, seed=int(time.time()) % 100_000, progress=False, cluster_key=True)
+    checks = report["checks"]
+    assert all(checks["alive"].values()) and checks["still_in_view"], report
+    assert checks["view_changes_during_barrage"] == 0 and checks["burst_ok"] and checks["digests_equal"], checks
+    assert report["crashes"] == 0 and report["hangs"] == 0, report["findings"]
+    assert not report["events"].get("sst.frames: handshakes completed"), report["events"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(4 * 3600)
 def test_full_campaign_a_million_inputs() -> None:
-    results = fuzz.run_fuzz(1_000_000, seed=int(time.time()) % 100_000, progress=False)
-    live = fuzz.run_live(20_000, seed=1, progress=False)
-    report = fuzz.build_report(0, results, live, 0.0, fuzz.DEFAULT_TIMEOUT)
+    seed = int(time.time()) % 100_000
+    results = fuzz.run_fuzz(1_000_000, seed=seed, progress=False)
+    live = fuzz.run_live(20_000, seed=seed, progress=False)
+    keyed = fuzz.run_live(20_000, seed=seed, progress=False, cluster_key=True)
+    report = fuzz.build_report(seed, results, live, 0.0, fuzz.DEFAULT_TIMEOUT, keyed)
     assert report["totals"]["inputs"] >= 1_000_000
     problems = unexpected(results)
     assert not problems, "\n\n".join(problems)
-    assert live["crashes"] == 0 and live["hangs"] == 0, live["findings"]
-    assert live["checks"]["burst_ok"] and live["checks"]["digests_equal"], live["checks"]
+    for lv in (live, keyed):
+        assert lv["crashes"] == 0 and lv["hangs"] == 0, lv["findings"]
+        assert lv["checks"]["burst_ok"] and lv["checks"]["digests_equal"], lv["checks"]
 
 
 # ---------------------------------------------------------------------------- the driver itself
@@ -298,11 +311,7 @@ def test_a_value_from_the_network_never_imports_a_module() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, raises=OSError, reason="open: SocketsTransport.connect raises socket.gaierror for "
-                   "a host that does not resolve (and resolves it on the engine thread); a joiner's address is the "
-                   "one its JOIN names, so a view with it stops every member with 'internal error in the engine' "
-                   "(docs/fuzzing.md)")
-def test_open_connecting_to_an_unresolvable_address_is_a_peer_failure(monkeypatch: pytest.MonkeyPatch,
+def test_connecting_to_an_unresolvable_address_is_a_peer_failure(monkeypatch: pytest.MonkeyPatch,
                                                                        tmp_path: Any) -> None:
     from derecho_transport_sockets.transport import SocketsTransport
 
@@ -323,10 +332,7 @@ def test_open_connecting_to_an_unresolvable_address_is_a_peer_failure(monkeypatc
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(strict=True, reason="open: the leader admits a joiner whose JOIN names a host that does not "
-                   "resolve (without a cluster key anyone can send one); every member's transport then raises "
-                   "gaierror from connect() and every engine stops: one GMS frame ends the group (docs/fuzzing.md)")
-def test_open_a_join_naming_an_unresolvable_host_does_not_stop_the_group(tmp_path: Any) -> None:
+def test_a_join_naming_a_host_name_is_dropped_and_does_not_stop_the_group(tmp_path: Any) -> None:
     import socket
 
     from derecho_core.gms_channel import GmsChannel
@@ -350,5 +356,10 @@ def test_open_a_join_naming_an_unresolvable_host_does_not_stop_the_group(tmp_pat
         stopped = {nid: "".join(m.stderr[-5:]) for nid, m in group.members.items()
                    if m.proc.poll() is not None or fuzz._fatal_lines(m.stderr)}
         assert not stopped, stopped
+        assert any("must be a numeric IPv4 address" in line for line in group.members[0].stderr), \
+            group.members[0].stderr[-10:]
+        for m in group.members.values():
+            views = m.views()
+            assert views and sorted(views[-1]["members"]) == [0, 1, 2], views[-1:]
     finally:
         group.close()

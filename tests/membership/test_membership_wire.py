@@ -66,3 +66,32 @@ def test_sst_with_bad_vid(vid):
     m = leader()
     m.handle(Received(0, msgpack.packb([wire.SST, vid, {}])), 1.0)
     assert m.stopped is None
+
+
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "localhost", "", "1.2.3", "::1", "a" * 64])
+def test_join_naming_anything_but_a_numeric_ipv4_address_is_dropped_with_a_warning(host):
+    # every member's transport connects to the addresses a view holds: one that does not resolve
+    # must never get that far (a fuzzed JOIN once stopped every member of a group)
+    m = leader()
+    actions = m.handle(ReceivedAtAddress(wire.encode(wire.JOIN, 3, [host, 1, 2, 3, 4, 5], 7)), 1.0)
+    logs = [a.message % a.args if a.args else a.message for a in actions
+            if isinstance(a, Log) and a.level == logging.WARNING]
+    assert any("must be a numeric IPv4 address" in line for line in logs), logs
+    assert m.join_queue == [] and m.stopped is None
+
+
+def test_join_with_a_numeric_address_is_queued():
+    m = leader()
+    m.handle(ReceivedAtAddress(wire.encode(wire.JOIN, 3, ["127.0.0.1", 1, 2, 3, 4, 5], 7)), 1.0)
+    assert [c.node for c in m.join_queue] == [3] or m.view.members == [0, 3]
+
+
+def test_local_ip_is_advertised_as_a_numeric_address():
+    from derecho_core.conf import Conf
+    from derecho_core.engine import advertised_ip
+    from derecho_core.errors import ConfigError
+
+    assert advertised_ip(Conf.load(environ={}, overrides={"DERECHO/local_ip": "localhost"})) == "127.0.0.1"
+    assert advertised_ip(Conf.load(environ={}, overrides={"DERECHO/local_ip": "127.0.0.5"})) == "127.0.0.5"
+    with pytest.raises(ConfigError, match="DERECHO/local_ip.*does not resolve"):
+        advertised_ip(Conf.load(environ={}, overrides={"DERECHO/local_ip": "no-such-host.invalid"}))

@@ -116,8 +116,8 @@ def test_second_node_with_an_id_in_use_is_refused():
     from derecho_core.protocol.membership import Membership
     from derecho_core.view import IpAndPorts
 
-    rogue = Membership(1, IpAndPorts("sim-rogue", 9001, 9002, 9003, 9004, 9005), nonce=999)
-    cluster.by_gms[("sim-rogue", 9001)] = 99
+    rogue = Membership(1, IpAndPorts("10.98.0.1", 9001, 9002, 9003, 9004, 9005), nonce=999)
+    cluster.by_gms[("10.98.0.1", 9001)] = 99
     from derecho_core.protocol.node import NodeProtocol
     from derecho_core.sim.cluster import SimNode
 

@@ -292,7 +292,12 @@ class SocketsTransport(Transport):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = s.connect_ex(dial.address)
+        try:
+            err = s.connect_ex(dial.address)
+        except (OSError, ValueError) as exc:  # gaierror, or a host that is no host name (UnicodeError)
+            s.close()
+            self._dial_failed(dial, None, f"address {dial.address[0]!r} does not resolve: {exc}", retry=False)
+            return
         conn = _Conn(s, True, dial.node_id, dial.address)
         conn.deadline = dial.deadline
         dial.conn = conn

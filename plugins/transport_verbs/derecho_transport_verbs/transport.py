@@ -367,7 +367,14 @@ class VerbsTransport(Transport):
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = _Conn(s, "initiator", node_id, addr)
-        err = s.connect_ex(addr)
+        try:
+            err = s.connect_ex(addr)
+        except (OSError, ValueError) as exc:  # gaierror, or a host that is no host name (UnicodeError)
+            s.close()
+            del self._retry_connect[node_id]
+            self._events.append(PeerFailed(node_id, f"could not connect to {addr[0]}:{addr[1]}: "
+                                                    f"the address does not resolve: {exc}"))
+            return
         self._conns.add(c)
         self._connecting[node_id] = c
         if err not in (0, errno.EINPROGRESS):
