@@ -3,7 +3,7 @@
 ::
 
     python -m derecho_core.testing.fuzz --inputs 1000000 [--seed S] [--targets a,b] [--live N]
-                                        [--json report.json] [--jobs J] [--timeout 1.0]
+                                        [--live-keyed N] [--json report.json] [--jobs J] [--timeout 1.0]
     python -m derecho_core.testing.fuzz --list
     python -m derecho_core.testing.fuzz --replay TARGET:INDEX [--from START] [--seed S]
 
@@ -3170,10 +3170,10 @@ class _LiveCorpus(Harness):
 def _not_a_member(data: bytes, members: Sequence[int] = (0, 1, 2)) -> bytes:
     """``data`` with the node id of a leading valid HELLO moved off the members' ids.
 
-    Without a cluster key, a HELLO that claims a member's id with a new incarnation replaces that
-    member's connection, and the member is suspected and removed: the open issue that tests/security
-    pins with a strict xfail (docs/security.md). The live fuzz stays clear of it, so its checks are about
-    decoders; docs/fuzzing.md reports what it leads to.
+    Without a cluster key nothing proves a node id: a HELLO that claims a member's id with a new
+    incarnation replaces that member's connection, and the member is suspected and removed. That is
+    what "no key" means, not a decoder fault, so the open live run stays clear of it; the keyed run
+    (``--live-keyed``) does claim ids and must be refused at the door (docs/fuzzing.md).
     """
     from .. import handshake as hs
 
