@@ -232,10 +232,20 @@ class Engine:
         """Send one point-to-point message (an RPC request or a reply batch) to a member."""
         self.submit("p2p", (node_id, data))
 
-    def report_applied(self, done: list[tuple[int, int, int]]) -> None:
-        """The listener finished deliveries: ``(vid, subgroup id, last seq)`` each (reopens the windows)."""
+    def report_applied(self, done: list[tuple[int, int, int]],
+                       raw: Sequence[tuple[int, int, int, int]] = ()) -> None:
+        """The listener finished deliveries (reopens the windows).
+
+        ``done``: ``(vid, subgroup id, last seq)`` of ordered shards; ``raw``: ``(vid, subgroup id,
+        sender id, last index)`` of raw ones.
+        """
+        by_sg: dict[tuple[int, int], list[tuple[int, int]]] = collections.defaultdict(list)
+        for vid, sg, sender, index in raw:
+            by_sg[(vid, sg)].append((sender, index))
         for vid, sg, seq in done:
-            self.submit("send", Applied(vid, sg, seq))
+            self.submit("send", Applied(vid, sg, seq, tuple(by_sg.pop((vid, sg), ()))))
+        for (vid, sg), pairs in by_sg.items():
+            self.submit("send", Applied(vid, sg, -1, tuple(pairs)))
 
     def report_progress(self, subgroup_id: int, persisted: int, frontier_us: int) -> None:
         """Publish this node's persisted version and stability frontier of a subgroup to its shard."""

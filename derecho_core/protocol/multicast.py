@@ -149,6 +149,10 @@ class ShardMulticast:
         self.track_applied = False
         self.unapplied: deque[int] = deque()
         self.raw_delivered = [-1] * self.n_s
+        # Raw shards open windows on receipt: with ``track_applied`` STATUS reports receipt per sender
+        # only up to the oldest raw delivery the application has not finished (until the final status,
+        # which must be the truth for the ragged trim), so a slow handler pushes back there too.
+        self.unapplied_raw: list[deque[int]] = [deque() for _ in self.senders]
         # what the other members told us (SST rows)
         self.status: dict[int, tuple[int, int, list[int]]] = {}
         self.final: dict[int, list[int]] = {}
@@ -207,7 +211,7 @@ class ShardMulticast:
             return True
         for m in self.live_members():
             if m == self.my_id:
-                delivered, num_received = self.reported_delivered(), self.num_received
+                delivered, num_received = self.reported_delivered(), self.reported_received()
             else:
                 st = self.status.get(m)
                 if st is None:
@@ -450,11 +454,29 @@ class ShardMulticast:
             ts, cooked, payload = entry
             self.deliveries.append(Delivery(self.vid, self.sg, self.shard, self.senders[rank], index, -1,
                                             INVALID_VERSION, ts, cooked, payload))
+            if self.track_applied:
+                self.unapplied_raw[rank].append(index)
 
     # ------------------------------------------------------------------ application progress
     def reported_delivered(self) -> int:
         """What STATUS says this node delivered: up to the application's progress when it is tracked."""
         return self.unapplied[0] - 1 if self.unapplied else self.delivered_num
+
+    def reported_received(self) -> list[int]:
+        """What STATUS says this node received per sender: raw shards count only finished deliveries."""
+        if self.wedged or not self.track_applied or self.ordered:
+            return self.num_received
+        return [q[0] - 1 if q else n for q, n in zip(self.unapplied_raw, self.num_received, strict=True)]
+
+    def applied_raw(self, sender: int, index: int) -> None:
+        """The application finished the raw deliveries from ``sender`` up to ``index``."""
+        if sender not in self.senders:
+            return
+        q = self.unapplied_raw[self.senders.index(sender)]
+        if q and q[0] <= index:
+            while q and q[0] <= index:
+                q.popleft()
+            self._status_dirty = True
 
     def applied(self, seq: int) -> None:
         """The application finished every delivery of this shard up to ``seq``."""
@@ -469,7 +491,7 @@ class ShardMulticast:
         self._flush_data()
         if self._status_dirty:
             self._status_dirty = False
-            self._send_all(self._encode(STATUS, self.seq_num, self.reported_delivered(), self.num_received,
+            self._send_all(self._encode(STATUS, self.seq_num, self.reported_delivered(), self.reported_received(),
                                         self.wedged))
 
     # ------------------------------------------------------------------ view change

@@ -61,6 +61,8 @@ class Applied:
     vid: int
     subgroup_id: int
     seq: int
+    #: raw (unordered) deliveries finished: (sender node id, last index) pairs
+    raw: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +135,10 @@ class NodeProtocol:
                 mc = self.multicast
                 shard = mc.shards.get(event.subgroup_id) if mc is not None and mc.vid == event.vid else None
                 if shard is not None:
-                    shard.applied(event.seq)
+                    if event.seq >= 0:
+                        shard.applied(event.seq)
+                    for sender, index in event.raw:
+                        shard.applied_raw(sender, index)
             elif isinstance(event, LocalProgress):
                 sends, changed = self.progress.local(event)
                 self._out.extend(Send(node, CH_PROGRESS + data) for node, data in sends)

@@ -451,11 +451,15 @@ class RpcManager:
         finally:
             # the engine holds the senders' windows until here: a slow handler or disk pushes back
             last: dict[tuple[int, int], int] = {}
+            last_raw: dict[tuple[int, int, int], int] = {}
             for d in deliveries:
                 if d.seq >= 0:
                     last[(d.vid, d.subgroup_id)] = d.seq
-            if last:
-                self.group._engine.report_applied([(vid, sg, seq) for (vid, sg), seq in last.items()])
+                else:  # raw shards: per-sender FIFO
+                    last_raw[(d.vid, d.subgroup_id, d.sender_id)] = d.index
+            if last or last_raw:
+                self.group._engine.report_applied([(vid, sg, seq) for (vid, sg), seq in last.items()],
+                                                  [(vid, sg, sender, i) for (vid, sg, sender), i in last_raw.items()])
 
     def _deliver(self, deliveries: list[Delivery]) -> None:
         stability_cb = self.group._user_callback("global_stability_callback")

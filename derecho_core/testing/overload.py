@@ -4,10 +4,11 @@
 :func:`run_overload` measures a group against it (``tests/overload``). The member program::
 
     python -m derecho_core.testing.overload --file CONF --members 3 --role sender|slow|idle \\
-        [--payload BYTES] [--duration S] [--delay S] [--mode raw|rpc] [--SECTION/key=value ...]
+        [--payload BYTES] [--duration S] [--delay S] [--mode raw|unordered|rpc] [--SECTION/key=value ...]
 
 joins (or starts) a group whose one subgroup is a single ORDERED shard of every member. ``raw`` mode
-multicasts through ``RawObject.send`` (delivered to ``global_stability_callback``); ``rpc`` mode calls
+multicasts through ``RawObject.send`` (delivered to ``global_stability_callback``); ``unordered`` mode
+does the same in an UNORDERED (Raw) shard, whose windows count receipts; ``rpc`` mode calls
 ``Sink.put`` by ``ordered_send`` without waiting for the replies. The ``sender`` sends for
 ``--duration`` seconds; the ``slow`` member sleeps ``--delay`` seconds in every delivery (a slow
 handler; persistence runs on the same delivery thread, so a slow disk behaves the same). Every member
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payload", type=int, default=10240)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--delay", type=float, default=0.002)
-    parser.add_argument("--mode", choices=("raw", "rpc"), default="raw")
+    parser.add_argument("--mode", choices=("raw", "unordered", "rpc"), default="raw")
     args, rest = parser.parse_known_args(argv)
     conf, _ = Conf.parse_args(rest, config_file=args.file)
     me = conf.get("DERECHO/local_id")
@@ -349,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def entire_view(types: Any, prev_view: Any, curr_view: Any) -> dict[Any, list[list[SubView]]]:
         curr_view.next_unassigned_rank = curr_view.num_members
-        return {t: [[SubView(curr_view.members, Mode.ORDERED)]] for t in types}
+        mode = Mode.UNORDERED if args.mode == "unordered" else Mode.ORDERED
+        return {t: [[SubView(curr_view.members, mode)]] for t in types}
 
-    if args.mode == "raw":
+    if args.mode in ("raw", "unordered"):
         group = Group([RawObject], SubgroupInfo(entire_view), conf=conf,
                       callbacks=UserMessageCallbacks(global_stability_callback=on_delivery))
     else:
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def report() -> None:
         while not stop.wait(1.0):
-            n = delivered if args.mode == "raw" else getattr(group.get_subgroup(Sink).get_ref(), "count", 0)
+            n = delivered if args.mode != "rpc" else getattr(group.get_subgroup(Sink).get_ref(), "count", 0)
             emit("progress", delivered=n, **_queues(group))
 
     while not go.wait(0.1):
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         # the copies the queues hold)
         sent = 0
         started = time.monotonic()
-        if args.mode == "raw":
+        if args.mode != "rpc":
             handle = group.get_subgroup(RawObject)
             while time.monotonic() - started < args.duration and not stop.is_set():
                 handle.send(b"%015d" % sent + bytes(args.payload - 15))

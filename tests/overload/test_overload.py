@@ -87,3 +87,19 @@ def test_slow_delivery_handler_60s(tmp_path: Path) -> None:
 @pytest.mark.timeout(400)
 def test_slow_delivery_handler_rpc_60s(tmp_path: Path) -> None:
     check(run_overload(tmp_path, duration=LONG, delay=0.002, mode="rpc"))
+
+
+@pytest.mark.timeout(180)
+def test_slow_delivery_handler_unordered_shard_quick(tmp_path: Path) -> None:
+    # an UNORDERED shard delivers on receipt: its windows must still wait for the slow handler
+    result = run_overload(tmp_path, duration=QUICK, delay=0.002, mode="unordered")
+    check(result)
+    # each queued batch holds at least one delivery, and at most window_size per sender are unfinished
+    most = max(e["q_deliveries"] for e in result.progress[2])
+    assert most <= 3 * 16, f"the slow member's delivery queue reached {most} batches"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_slow_delivery_handler_unordered_shard_60s(tmp_path: Path) -> None:
+    check(run_overload(tmp_path, duration=LONG, delay=0.002, mode="unordered"))
