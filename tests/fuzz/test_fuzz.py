@@ -347,8 +347,7 @@ def test_a_join_naming_a_host_name_is_dropped_and_does_not_stop_the_group(tmp_pa
         group.start(2)
         for m in group.members.values():
             m.wait_for_view([0, 1, 2], 120)
-        frame = object.__new__(GmsChannel)
-        frame.key = None
+        frame = GmsChannel.detached(None)
         join = msgpack.packb(["join", 7, ["no-such-host.invalid", 1, 2, 3, 4, 5], 99, None])
         with socket.create_connection(("127.0.0.1", group.ports[0]["gms_port"]), timeout=5) as s:
             s.sendall(frame._frame(join))
