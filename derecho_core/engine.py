@@ -212,10 +212,14 @@ class Engine:
                            rdmc_send_algorithm=p["rdmc_send_algorithm"])
 
     def send(self, subgroup_id: int, payload: bytes, *, cooked: bool = False, tag: Any = None,
-             timeout: float | None = None, timestamp_ns: int | None = None) -> None:
-        """Multicast ``payload`` in a subgroup; waits while this node's queue for it is long."""
+             timeout: float | None = None, timestamp_ns: int | None = None, wait_for_room: bool = True) -> None:
+        """Multicast ``payload`` in a subgroup; waits while this node's queue for it is long.
+
+        ``wait_for_room=False`` is for the delivery thread: the windows wait for it to finish the
+        deliveries it is running, so waiting there for the queue to drain would never end.
+        """
         deadline = None
-        while self._queued(subgroup_id) >= MAX_QUEUED_SENDS:
+        while wait_for_room and self._queued(subgroup_id) >= MAX_QUEUED_SENDS:
             if deadline is None and timeout is not None:
                 deadline = time.monotonic() + timeout
             if self._stop is not None:

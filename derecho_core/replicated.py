@@ -61,7 +61,8 @@ class Replicated(Generic[T]):
                              "subgroup's profile; raise SUBGROUP/<PROFILE>/max_payload_size")
         ts = time.time_ns()
         self._group.rpc.note_raw_send(self.subgroup_id, ts)
-        self._group._engine.send(self.subgroup_id, bytes(payload), timeout=timeout, timestamp_ns=ts)
+        self._group._engine.send(self.subgroup_id, bytes(payload), timeout=timeout, timestamp_ns=ts,
+                                 wait_for_room=not self._group.rpc.is_delivery_thread())
 
     # ------------------------------------------------------------------ the local replica
     def get_ref(self) -> T:

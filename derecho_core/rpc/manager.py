@@ -138,7 +138,7 @@ class RpcManager:
             self._frontiers[subgroup_id].own_unsent[ts // 1000] += 1
         try:
             self.group._engine.send(subgroup_id, payload, cooked=True, tag=pending, timeout=timeout,
-                                    timestamp_ns=ts)
+                                    timestamp_ns=ts, wait_for_room=not self.is_delivery_thread())
         except BaseException:
             self._drop(pending)
             with self._lock:

@@ -66,6 +66,15 @@ class Account:
             return f"refused: {exc}"
         return "waited"
 
+    @ordered
+    def fan_out(self, n: int) -> int:
+        # more calls than MAX_QUEUED_SENDS from one handler: the window waits for this very handler, so
+        # waiting for room here would never end
+        handle = GROUPS[self.node].get_subgroup(Account)
+        for _ in range(n):
+            handle.ordered_send("echo", b"")
+        return n
+
     @p2p
     def read(self) -> int:
         return self.balance.value
@@ -172,6 +181,16 @@ def test_ordered_send_inside_a_handler_is_queued_and_waiting_on_it_is_refused(tr
     while h.p2p_send(0, "read").values(10)[0] != before + 2 and time.monotonic() < deadline:
         time.sleep(0.05)  # both members' queued deposits were delivered afterwards
     assert h.p2p_send(0, "read").values(10)[0] == before + 2
+
+
+@pytest.mark.timeout(120)
+def test_a_handler_may_queue_more_calls_than_the_send_queue_holds(trio: dict[int, Group]) -> None:
+    from derecho_core.engine import MAX_QUEUED_SENDS
+
+    h = trio[0].get_subgroup(Account)
+    n = MAX_QUEUED_SENDS + 200
+    assert h.ordered_send("fan_out", n).values(60) == {0: n, 1: n}
+    assert h.ordered_send("echo", b"after").values(60) == {0: b"after", 1: b"after"}  # everything drained
 
 
 @pytest.mark.timeout(60)
