@@ -31,7 +31,7 @@ from .handshake import load_cluster_key
 from .protocol import events as ev
 from .protocol.membership import Membership
 from .protocol.multicast import Delivery, ShardParams
-from .protocol.node import Applied, Deliver, NodeProtocol, SendRejected, SendRequest
+from .protocol.node import CH_MEMBERSHIP, Applied, Deliver, NodeProtocol, SendRejected, SendRequest
 from .protocol.progress import LocalProgress, ShardProgress
 from .protocol.restart import RestartInfo
 from .transport import MessageReceived, NotConnectedError, PeerConnected, PeerFailed, Transport
@@ -46,6 +46,8 @@ CH_RPC_REPLY = b"R"
 MAX_QUEUED_SENDS = 1024
 #: how long a leaving node keeps reading after its announcement went out (see Engine._finish)
 LEAVE_GRACE_S = 0.2
+#: how long a leaving node waits for every member to show it read the departure (Engine._finish)
+LEAVE_ACK_TIMEOUT_S = 2.0
 #: messages waiting for a peer's connection (or room in its send queue); past this the peer is failed
 MAX_BACKLOG = 100_000
 
@@ -342,9 +344,20 @@ class Engine:
                 if isinstance(event, PeerConnected):
                     self._flush_backlog()
             self._flush_backlog()
-        # Keep reading a little longer before closing: closing a socket with unread data sends a reset,
-        # and a peer whose send then fails may declare this node failed before it reads the leave
-        # announcement. Several members leaving at once could then look like a lost majority.
+        # Keep reading before closing: closing a socket with unread data sends a reset, and a peer that
+        # receives it loses whatever it had not read yet, the leave announcement included; it would
+        # take the departure for a failure (several members leaving at once for a lost majority). So
+        # wait until every live member has shown it read the announcement (its row marks this node
+        # suspected), or LEAVE_ACK_TIMEOUT_S; then LEAVE_GRACE_S more for the last messages in flight.
+        leaving = self.stop_reason is not None and self.stop_reason.kind == "left" and self.membership.leaving
+        acked = time.monotonic() + (LEAVE_ACK_TIMEOUT_S if leaving else 0.0)
+        while leaving and time.monotonic() < acked and self.transport.peers() \
+                and not self.membership.leave_acknowledged():
+            for event in self.transport.poll(0.01):
+                if isinstance(event, MessageReceived) and bytes(event.data[:1]) == CH_MEMBERSHIP:
+                    self.membership.handle(ev.Received(event.node_id, bytes(event.data[1:])), self._now())
+                elif isinstance(event, PeerFailed):
+                    self.membership.handle(ev.PeerUnreachable(event.node_id, event.reason), self._now())
         grace = time.monotonic() + LEAVE_GRACE_S
         while time.monotonic() < grace and self.transport.peers():
             self.transport.poll(0.01)

@@ -83,7 +83,8 @@ class Change:
         return cls(leader, node, raw[2], address, wire.check_int(raw[4], "change nonce"))
 
 
-ROW_FIELDS = ("suspected", "changes", "num_changes", "num_acked", "num_committed", "num_installed", "wedged", "rip")
+ROW_FIELDS = ("suspected", "left", "changes", "num_changes", "num_acked", "num_committed", "num_installed", "wedged",
+              "rip")
 _COUNTERS = ("num_changes", "num_acked", "num_committed", "num_installed")
 
 
@@ -99,11 +100,16 @@ class Row:
     num_installed: int = 0
     wedged: bool = False
     rip: bool = False
+    #: ranks this member knows left gracefully (their rows said rip): suspected, but not failures, so a
+    #: member that learns of a departure by gossip never counts it towards a lost majority
+    left: list[bool] = field(default_factory=list)
 
     def encode(self, names: Iterable[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in names:
             value = getattr(self, name)
+            if name == "left" and not value:
+                value = [False] * len(self.suspected)
             out[name] = [c.encode() for c in value] if name == "changes" else (
                 list(value) if isinstance(value, list) else value)
         return out
@@ -114,9 +120,9 @@ class Row:
             raise wire.WireError("SST update must be a map of fields")
         parsed: dict[str, Any] = {}
         for name, value in fields.items():
-            if name == "suspected":
+            if name in ("suspected", "left"):
                 if not isinstance(value, list) or len(value) != n or not all(isinstance(b, bool) for b in value):
-                    raise wire.WireError(f"suspected must be {n} booleans")
+                    raise wire.WireError(f"{name} must be {n} booleans")
                 parsed[name] = list(value)
             elif name == "changes":
                 if not isinstance(value, list) or len(value) > 10_000:
@@ -207,6 +213,7 @@ class Membership:
         self.join_deadline = 0.0
         self.stopped: Stop | None = None
         self.leaving = False
+        self.leave_acks: set[int] = set()  # members that saw this node's departure (or are gone)
         self.commits: list[CommitRecord] = []
         self._nonces: dict[int, int] = {}  # joiners' process identities, to recognise their retries
         self.left_nodes: set[int] = set()  # members seen leaving gracefully (rip)
@@ -331,6 +338,8 @@ class Membership:
     def handle(self, event: Event, now: float) -> list[Action]:
         self.now = max(self.now, now)
         if self.stopped:
+            if self.leaving:
+                self._note_leave_ack(event)
             return []
         if isinstance(event, Tick):
             self._on_tick()
@@ -617,6 +626,13 @@ class Membership:
         row = self.my_row
         row.suspected[rank] = True
         self._dirty.add("suspected")
+        their = self.rows[rank]
+        if self.view.members[rank] in self.left_nodes or (their is not None and their.rip):
+            self.left_nodes.add(self.view.members[rank])
+            if not row.left:
+                row.left = [False] * self.view.num_members
+            row.left[rank] = True
+            self._dirty.add("left")
         # its row is frozen from now on; one last update tells it why it is being removed (if it
         # is alive at all). The connection is closed once a view without it is installed.
         self._out.append(Send(self.view.members[rank], wire.encode(
@@ -672,8 +688,38 @@ class Membership:
         row = self.my_row
         row.rip = True
         row.suspected[self.my_rank] = True
-        self._push({"rip", "suspected"})
+        self._push({"rip", "suspected", "left"})
         self._stop("left", f"node {self.id} left the group in view {self.view.vid}")
+
+    def _note_leave_ack(self, event: Event) -> None:
+        """After leaving: a member whose row marks this node suspected has read the departure."""
+        if self.view is None:
+            return
+        if isinstance(event, PeerUnreachable):
+            self.leave_acks.add(event.node_id)
+        elif isinstance(event, Received):
+            try:
+                msg = wire.decode(event.data)
+                if msg[0] == wire.SST and wire.check_int(msg[1], "vid") == self.view.vid:
+                    row = Row([False] * self.view.num_members)
+                    row.apply(msg[2], self.view.num_members)
+                    if row.suspected[self.my_rank] or row.rip:  # it read the departure, or left itself
+                        self.leave_acks.add(event.node_id)
+            except (wire.WireError, IndexError):
+                pass  # anything else from a peer no longer matters to a node that left
+
+    def leave_acknowledged(self) -> bool:
+        """Every member that was live when this node left has read its departure, or is gone.
+
+        A leaving node waits for this before it closes its connections: closing with a peer's data
+        unread sends a reset, and a peer receiving it loses what it had not read yet, the departure
+        announcement included. It would then take the departure for a failure, and several members
+        leaving at once for a lost majority.
+        """
+        if self.view is None:
+            return True
+        return all(m in self.leave_acks for r, m in enumerate(self.view.members)
+                   if r != self.my_rank and r not in self.failed)
 
     # ------------------------------------------------------------------ SST push
     def _push(self, names: Iterable[str]) -> None:
@@ -716,6 +762,11 @@ class Membership:
                 self._stop("removed", f"node {self.view.members[rank]} reported that node {self.id} failed; "
                            f"it was removed from the group in view {self.view.vid}")
                 return
+            # departures first: a suspicion taken over before the leaver's own announcement arrives
+            # must not count as a failure (several members leaving together looked like a lost majority)
+            for r, gone in enumerate(row.left):
+                if gone and r != me:
+                    self.left_nodes.add(self.view.members[r])
             for r, s in enumerate(row.suspected):
                 if s and r not in self.failed and r != me:
                     self._suspect_rank(r)

@@ -231,6 +231,11 @@ class Cluster:
 
     # ------------------------------------------------------------------ running protocol code
     def _deliver(self, node: SimNode, event: ev.Event) -> None:
+        if node.alive and node.stop is not None and node.stop.kind == "left" and isinstance(event, ev.Received) \
+                and bytes(event.data[:1]) == b"M":
+            # a leaving engine keeps reading membership messages until the others saw its departure
+            node.proto.handle(ev.Received(event.node_id, bytes(event.data[1:])), self.now)
+            return
         if not node.alive or node.stop is not None:
             return
         assert node.node is not None
