@@ -139,9 +139,9 @@ class Node:
             group.barrier_sync(TIMEOUT)
         except GroupStoppedError as exc:
             # The barrier completes once every member reached it, but members learn that at slightly
-            # different times: a member that learns it first may leave while another still waits, and
-            # that one can take the departures for failures (derecho-py core issue, reported). Its work
-            # is done, so this is not a failure of the example.
+            # different times: a member that learns it first may leave while another still waits. The
+            # departures are not failures (leavers are never counted against the majority), but should
+            # the group stop anyway, this node's work is done: not a failure of the example.
             self.say(f"the group stopped while this node waited at the final barrier ({exc.kind}); "
                      "the other members had passed it and left")
         group.leave()
