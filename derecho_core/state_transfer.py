@@ -713,6 +713,10 @@ class StateTransferServer:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._held: dict[tuple[int, int], list[_Held]] = {}
+        # the newest view whose state this node asked for: it installs views in order, so a transfer
+        # for an older view can never be received, and holding it would stall its sender (whose
+        # delivery thread waits for its transfers) for hold_timeout
+        self._newest_vid = -1
         self._refusals: collections.deque[str] = collections.deque(maxlen=32)
         self._slots = threading.BoundedSemaphore(max_pending)
         self._closing = threading.Event()
@@ -808,9 +812,14 @@ class StateTransferServer:
             with self._cond:
                 if self._closing.is_set():
                     return
-                self._held.setdefault((vid, sg), []).append(_Held(chan, peer, vid, sg, leader, nonce))
-                held = True
-                self._cond.notify_all()
+                newest = self._newest_vid
+                if vid >= newest:
+                    self._held.setdefault((vid, sg), []).append(_Held(chan, peer, vid, sg, leader, nonce))
+                    held = True
+                    self._cond.notify_all()
+            if not held:
+                self._refuse_stale(chan, peer, leader, vid, sg, newest)
+                return
             log.debug("state-transfer port: node %d (%s:%d) is ready to send subgroup %d of view %d",
                       leader, peer[0], peer[1], sg, vid)
         except Exception:
@@ -819,6 +828,17 @@ class StateTransferServer:
             if not held:
                 chan.close()
                 self._slots.release()
+
+    @staticmethod
+    def _refuse_stale(chan: _Channel, peer: tuple[str, int], leader: int, vid: int, sg: int, newest: int) -> None:
+        reason = (f"this node is receiving the state of view {newest}; a transfer for view {vid} can never be "
+                  "received (it was removed and rejoined meanwhile)")
+        log.info("state-transfer port: refused node %d's (%s:%d) transfer of subgroup %d: %s", leader, peer[0],
+                 peer[1], sg, reason)
+        try:
+            chan.send_refuse(reason)
+        except OSError:
+            pass
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -885,6 +905,16 @@ class StateTransferServer:
         """
         deadline = time.monotonic() + timeout
         last_problem = ""
+        stale: list[_Held] = []
+        with self._cond:
+            if vid > self._newest_vid:
+                self._newest_vid = vid
+                for key in [k for k in self._held if k[0] < vid]:
+                    stale += self._held.pop(key)
+        for old in stale:
+            self._refuse_stale(old.chan, old.peer, old.leader, old.vid, old.subgroup_id, vid)
+            old.chan.close()
+            self._slots.release()
         while True:
             h = self._take((vid, subgroup_id), deadline)
             if h is None:
