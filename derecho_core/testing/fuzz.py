@@ -2168,6 +2168,7 @@ class StateTransferGreet(Harness):
             srv._lock = threading.Lock()
             srv._cond = threading.Condition(srv._lock)
             srv._held = {}
+            srv._newest_vid = -1
             srv._refusals = collections.deque(maxlen=32)
             srv._slots = threading.BoundedSemaphore(4)
             srv._closing = threading.Event()
@@ -2288,6 +2289,7 @@ class StateTransferReceive(Harness):
         srv.key = KEY if keyed else None
         srv.node_id = 3
         srv.serializer = "msgpack"
+        srv._newest_vid = -1
         srv._lock = threading.Lock()
         srv._cond = threading.Condition(srv._lock)
         srv._refusals = collections.deque(maxlen=32)
