@@ -3301,6 +3301,24 @@ def _fatal_lines(lines: list[str]) -> list[int]:
             or "internal error in the engine" in ln]
 
 
+def live_group(workdir: Path, settings: dict[str, Any]) -> Any:
+    """The live targets' group (not started): 3 ``rpc_member`` processes, every member in the shard."""
+    from .processes import LocalGroup
+
+    return LocalGroup(workdir, settings=settings,
+                      program=["-m", "derecho_core.testing.rpc_member", "--min-shard", "2"])
+
+
+def start_live_group(group: Any) -> None:
+    """Start the 3 members (node 0 first: it is the contact) and wait until all are in one view."""
+    group.start(0)
+    time.sleep(0.3)
+    group.start(1)
+    group.start(2)
+    for m in group.members.values():
+        m.wait_for_view([0, 1, 2], 120)
+
+
 def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool = True,
              workdir: Path | None = None, cluster_key: bool = False) -> dict[str, Any]:
     """Start a 3-member group, throw ``connections`` connections of garbage at member ``node``, check it.
@@ -3313,25 +3331,17 @@ def run_live(connections: int, seed: int = 0, *, node: int = 1, progress: bool =
 
     from tqdm import tqdm
 
-    from .processes import LocalGroup
-
     started = time.monotonic()
     tmp = workdir or Path(tempfile.mkdtemp(prefix="derecho-fuzz-live-"))
     settings: dict[str, Any] = {"PERS/file_path": str(tmp / "plog")}
     if cluster_key:
         (tmp / "cluster.key").write_bytes(os.urandom(32).hex().encode())
         settings["DERECHO/cluster_key_file"] = str(tmp / "cluster.key")
-    group = LocalGroup(tmp, settings=settings,
-                       program=["-m", "derecho_core.testing.rpc_member", "--min-shard", "2"])
+    group = live_group(tmp, settings)
     report: dict[str, Any] = {"kind": "live", "node": node, "cluster_key": cluster_key, "connections": 0,
                               "by_kind": {}, "crashes": 0, "hangs": 0, "checks": {}, "findings": []}
     try:
-        group.start(0)
-        time.sleep(0.3)
-        group.start(1)
-        group.start(2)
-        for m in group.members.values():
-            m.wait_for_view([0, 1, 2], 120)
+        start_live_group(group)
         target = group.members[node]
         vid_before = target.last_vid()
         ports = group.ports[node]

@@ -336,17 +336,10 @@ def test_a_join_naming_a_host_name_is_dropped_and_does_not_stop_the_group(tmp_pa
     import socket
 
     from derecho_core.gms_channel import GmsChannel
-    from derecho_core.testing.processes import LocalGroup
 
-    group = LocalGroup(tmp_path, settings={"PERS/file_path": str(tmp_path / "plog")},
-                       program=["-m", "derecho_core.testing.rpc_member", "--min-shard", "2"])
+    group = fuzz.live_group(tmp_path, {"PERS/file_path": str(tmp_path / "plog")})
     try:
-        group.start(0)
-        time.sleep(0.3)
-        group.start(1)
-        group.start(2)
-        for m in group.members.values():
-            m.wait_for_view([0, 1, 2], 120)
+        fuzz.start_live_group(group)
         frame = GmsChannel.detached(None)
         join = msgpack.packb(["join", 7, ["no-such-host.invalid", 1, 2, 3, 4, 5], 99, None])
         with socket.create_connection(("127.0.0.1", group.ports[0]["gms_port"]), timeout=5) as s:
